@@ -1,0 +1,299 @@
+"""Image datasets and preprocessing.
+
+Rooms: image reading (any mode -> RGB), crops (ADM center crop, LDM training crop),
+folder datasets (class folders and flat/recursive folders, bad files skipped and named),
+the built-in procedural dataset `builtin:shapes`, and `make_dataset` that picks one from a path.
+"""
+import math
+import os
+import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+
+# ----------------------------------------------------------------------------- reading
+
+
+def to_rgb(img):
+    """Any PIL mode to 8-bit RGB: 16/32-bit integer images are rescaled (not clipped), alpha is
+    composited on white (a transparent background is not black in the source), CMYK/P/L converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
+        arr = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img)
+        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-12) * 255.0
+        return Image.fromarray(np.round(arr).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path):
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM / DiT center crop: halve with a box filter while the short side is at least twice the
+    target, bicubic-resize the short side to the target, then take the central square."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top : top + image_size, left : left + image_size])
+
+
+def random_crop_arr(pil_image, image_size, rng=random):
+    """LDM training crop: resize the short side to the target (area-like filtering via PIL's
+    reducing resize), then a random square crop."""
+    scale = image_size / min(*pil_image.size)
+    new_size = tuple(max(image_size, round(x * scale)) for x in pil_image.size)
+    pil_image = pil_image.resize(new_size, resample=Image.BICUBIC, reducing_gap=2.0)
+    w, h = pil_image.size
+    left, top = rng.randint(0, w - image_size), rng.randint(0, h - image_size)
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
+def pil_to_tensor(pil_image):
+    """uint8 HWC PIL -> float CHW in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(pil_image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return arr.float() / 127.5 - 1.0
+
+
+def preprocess(pil_image, image_size, crop="adm", flip=False, rng=random):
+    """One image through the chosen crop (+ optional horizontal flip) to a [-1, 1] tensor."""
+    if crop == "adm":
+        pil_image = center_crop_arr(pil_image, image_size)
+    elif crop == "random":
+        pil_image = random_crop_arr(pil_image, image_size, rng)
+    elif crop != "none":
+        raise ValueError(f"unknown crop {crop!r}: use adm, random or none")
+    if flip and rng.random() < 0.5:
+        pil_image = pil_image.transpose(Image.FLIP_LEFT_RIGHT)
+    return pil_to_tensor(pil_image)
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def list_images(root):
+    """All image files under root (recursive, extensions case-insensitive), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
+    return found
+
+
+def _readable(path):
+    try:
+        with Image.open(path) as img:
+            img.verify()  # header + structure check; truncated data is caught again at load time
+        return None
+    except Exception as e:
+        return f"{path} ({type(e).__name__}: {e})"
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images under a folder. `class_folders=True`: ImageNet layout, label = index of the sorted
+    top-level folder name; otherwise every image is label 0 (OpenImages-style flat/recursive).
+
+    Unreadable files are found once at construction and skipped with one warning naming each file;
+    a file that breaks later (truncated data) is named and replaced by the next readable image.
+    """
+
+    def __init__(self, root, image_size, crop="adm", flip=False, class_folders=True, min_size=None, check=True):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data-path {root} is not a folder: give a folder of images (or builtin:shapes)")
+        self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
+        subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir()) if class_folders else []
+        if subdirs:
+            self.classes = subdirs
+            self.samples = [(p, i) for i, d in enumerate(subdirs) for p in list_images(os.path.join(root, d))]
+        else:
+            self.classes = ["all"]
+            self.samples = [(p, 0) for p in list_images(root)]
+        if check and self.samples:
+            with ThreadPoolExecutor(8) as pool:
+                problems = [p for p in pool.map(_readable, [s[0] for s in self.samples]) if p]
+            if problems:
+                bad = {p.split(" (")[0] for p in problems}
+                self.samples = [s for s in self.samples if s[0] not in bad]
+                warnings.warn(
+                    f"skipping {len(problems)} unreadable image(s) under {root}:\n  " + "\n  ".join(problems), stacklevel=2
+                )
+        if not self.samples:
+            raise RuntimeError(f"no readable image found under {root} (extensions: {', '.join(IMG_EXTENSIONS)})")
+        if min_size is not None:
+            small = [p for p, _ in self.samples[:1000] if min(Image.open(p).size) < min_size]
+            if small:
+                raise RuntimeError(
+                    f"{small[0]} is smaller than the {min_size}px crop ({len(small)} such in the first 1000 files): "
+                    f"use a smaller --image-size or remove small images"
+                )
+        self.num_classes = len(self.classes)
+        self.skipped = []
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = load_rgb(path)
+            except Exception as e:
+                self.skipped.append(path)
+                warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", stacklevel=2)
+                continue
+            return preprocess(image, self.image_size, self.crop, self.flip), label
+        raise RuntimeError(f"no readable image left under {self.root}")
+
+
+# ----------------------------------------------------------------------------- builtin:shapes
+
+SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "crescent", "arrow")
+
+
+def _polygon(cx, cy, r, n, angle, inner=None):
+    pts = []
+    for i in range(n * (2 if inner else 1)):
+        radius = r if (inner is None or i % 2 == 0) else r * inner
+        a = angle + i * math.pi / (n if inner else n / 2)
+        pts.append((cx + radius * math.cos(a), cy + radius * math.sin(a)))
+    return pts
+
+
+def _rotate(points, cx, cy, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
+
+
+def render_shape(index, image_size, seed=0):
+    """Deterministic image `index` of the procedural dataset: (PIL RGB, label).
+
+    A shape of class `index % 10`, random colour, size, rotation and position, on a textured
+    background (colour gradient + stripes or checkers + noise). Drawn at 4x and box-downsampled
+    so edges are anti-aliased at any resolution.
+    """
+    rng = random.Random(seed * 1_000_003 + index)
+    label = index % len(SHAPE_CLASSES)
+    S = image_size * 4
+    # textured background
+    c0 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    c1 = np.array([rng.randint(0, 255) for _ in range(3)], dtype=np.float32)
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S
+    ga = rng.uniform(0, 2 * math.pi)
+    g = (np.cos(ga) * xx + np.sin(ga) * yy + 1) / 2
+    bg = c0 * (1 - g[..., None]) + c1 * g[..., None]
+    period = rng.uniform(0.08, 0.3)
+    if rng.random() < 0.5:
+        pa = rng.uniform(0, math.pi)
+        pattern = np.sin(2 * math.pi * (np.cos(pa) * xx + np.sin(pa) * yy) / period)
+    else:
+        pattern = np.sign(np.sin(2 * math.pi * xx / period) * np.sin(2 * math.pi * yy / period))
+    bg += rng.uniform(10, 40) * pattern[..., None]
+    noise = np.random.default_rng(seed * 7919 + index).normal(0, rng.uniform(2, 10), (S // 4, S // 4, 1))
+    bg += np.kron(noise, np.ones((4, 4, 1)))
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    # the shape: colour far from the background mean so it stays visible
+    color = tuple(int(255 - v + rng.randint(-40, 40)) % 256 for v in ((c0 + c1) / 2))
+    r = rng.uniform(0.18, 0.38) * S
+    cx, cy = rng.uniform(r, S - r), rng.uniform(r, S - r)
+    angle = rng.uniform(0, 2 * math.pi)
+    name = SHAPE_CLASSES[label]
+    if name == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+    elif name == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=color, width=int(r * 0.3))
+    elif name == "square":
+        draw.polygon(_polygon(cx, cy, r, 4, angle), fill=color)
+    elif name == "triangle":
+        draw.polygon(_polygon(cx, cy, r, 3, angle), fill=color)
+    elif name == "hexagon":
+        draw.polygon(_polygon(cx, cy, r, 6, angle), fill=color)
+    elif name == "star":
+        draw.polygon(_polygon(cx, cy, r, 5, angle, inner=0.45), fill=color)
+    elif name == "diamond":
+        pts = [(cx + r, cy), (cx, cy + 0.55 * r), (cx - r, cy), (cx, cy - 0.55 * r)]
+        draw.polygon(_rotate(pts, cx, cy, angle), fill=color)
+    elif name == "cross":
+        w = 0.3 * r
+        for pts in ([(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
+                    [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)]):
+            draw.polygon(_rotate(pts, cx, cy, angle), fill=color)
+    elif name == "crescent":
+        mask = Image.new("L", img.size, 0)
+        md = ImageDraw.Draw(mask)
+        md.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        ox, oy = cx + 0.45 * r * math.cos(angle), cy + 0.45 * r * math.sin(angle)
+        md.ellipse((ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r), fill=0)
+        img.paste(Image.new("RGB", img.size, color), (0, 0), mask)
+    elif name == "arrow":
+        w = 0.18 * r
+        pts = [(cx - r, cy - w), (cx + 0.2 * r, cy - w), (cx + 0.2 * r, cy - 2.5 * w), (cx + r, cy),
+               (cx + 0.2 * r, cy + 2.5 * w), (cx + 0.2 * r, cy + w), (cx - r, cy + w)]
+        draw.polygon(_rotate(pts, cx, cy, angle), fill=color)
+    img = img.filter(ImageFilter.GaussianBlur(radius=0.5)).resize((image_size, image_size), Image.BOX)
+    return img, label
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """`builtin:shapes[:N[:SEED]]`: N procedural images (default 10000) of 10 shape classes,
+    identical for a seed on every machine; nothing to download."""
+
+    classes = SHAPE_CLASSES
+    num_classes = len(SHAPE_CLASSES)
+
+    def __init__(self, num_images, image_size, seed=0, flip=False):
+        self.num_images, self.image_size, self.seed, self.flip = num_images, image_size, seed, flip
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        img, label = render_shape(index, self.image_size, self.seed)
+        if self.flip and random.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return pil_to_tensor(img), label
+
+
+def parse_builtin(spec):
+    """'builtin:shapes', 'builtin:shapes:N' or 'builtin:shapes:N:SEED' -> (N, seed)."""
+    parts = spec.split(":")
+    if parts[:2] != ["builtin", "shapes"] or len(parts) > 4:
+        raise ValueError(f"unknown built-in dataset {spec!r}: use builtin:shapes[:N[:SEED]]")
+    try:
+        n = int(parts[2]) if len(parts) > 2 else 10000
+        seed = int(parts[3]) if len(parts) > 3 else 0
+    except ValueError:
+        raise ValueError(f"{spec!r}: N and SEED in builtin:shapes:N:SEED must be integers") from None
+    return n, seed
+
+
+def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=True, min_size=None):
+    """A folder path or `builtin:shapes...` -> a dataset yielding ([-1, 1] CHW tensor, label)."""
+    if data_path.startswith("builtin:"):
+        n, seed = parse_builtin(data_path)
+        return ShapesDataset(n, image_size, seed=seed, flip=flip)
+    return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders, min_size=min_size)

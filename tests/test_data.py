@@ -1,0 +1,93 @@
+"""Image folders (bad files, every mode), crops and the built-in procedural dataset."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def make_folder(root):
+    """A class folder with one image per PIL mode we support, plus broken and non-image files."""
+    rng = np.random.default_rng(0)
+    a, b = root / "a_class", root / "b_class"
+    a.mkdir(parents=True)
+    b.mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 50, 4), dtype=np.uint8), "RGBA").save(a / "rgba.PNG")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L").save(a / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert("CMYK").save(b / "cmyk.JPEG")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert("P").save(b / "palette.png")
+    Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)).save(b / "sixteen.png")
+    (a / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (b / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_loads_good_images_and_names_bad_ones(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    with pytest.warns(UserWarning, match=r"(?s)skipping 1 unreadable image.*corrupt\.jpg"):
+        ds = data.ImageFolderDataset(str(root), 32)
+    assert len(ds) == 5 and ds.classes == ["a_class", "b_class"]
+    labels = sorted(ds[i][1] for i in range(len(ds)))
+    assert labels == [0, 0, 1, 1, 1]
+    for i in range(len(ds)):
+        x, _ = ds[i]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+
+
+def test_flat_folder_is_one_class_and_recursive(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    with pytest.warns(UserWarning):
+        ds = data.ImageFolderDataset(str(root), 16, class_folders=False)
+    assert ds.num_classes == 1 and len(ds) == 5
+
+
+def test_empty_and_missing_folders_fail_clearly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(RuntimeError, match="no readable image found under .*empty"):
+        data.make_dataset(str(tmp_path / "empty"), 32)
+    with pytest.raises(FileNotFoundError, match="--data-path .*nowhere"):
+        data.make_dataset(str(tmp_path / "nowhere"), 32)
+
+
+def test_mode_conversions():
+    sixteen = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
+    assert np.asarray(data.to_rgb(sixteen))[0, :, 0].tolist() == [0, 128, 255]
+    transparent = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
+    assert np.asarray(data.to_rgb(transparent)).reshape(-1, 3).tolist() == [[255, 255, 255]] * 4
+    assert data.to_rgb(Image.new("CMYK", (2, 2))).mode == "RGB"
+
+
+def test_adm_center_crop():
+    """Box halving while at least twice the target, bicubic to the target, central square."""
+    arr = np.zeros((300, 1000, 3), dtype=np.uint8)
+    arr[140:160, 490:510] = 255  # a marker at the centre
+    out = np.asarray(data.center_crop_arr(Image.fromarray(arr), 64))
+    assert out.shape == (64, 64, 3)
+    ys, xs = np.nonzero(out[..., 0] > 128)
+    assert abs(ys.mean() - 31.5) < 1.5 and abs(xs.mean() - 31.5) < 1.5
+    # an image exactly twice the target is box-halved, then needs no further resize
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(data.center_crop_arr(big, 64)), np.asarray(big.resize((64, 64), Image.BOX)))
+
+
+def test_random_crop_and_flip_shapes():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    crop = data.random_crop_arr(img, 64)
+    assert crop.size == (64, 64)
+    x = data.preprocess(img, 48, crop="random", flip=True)
+    assert x.shape == (3, 48, 48)
+
+
+def test_builtin_shapes_is_deterministic():
+    a = data.make_dataset("builtin:shapes:20:3", 32)
+    b = data.make_dataset("builtin:shapes:20:3", 32)
+    c = data.make_dataset("builtin:shapes:20:4", 32)
+    assert len(a) == 20 and a.num_classes == 10
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(5))
+    assert not torch.equal(a[0][0], c[0][0])
+    assert [a[i][1] for i in range(20)] == [i % 10 for i in range(20)]
+    assert data.make_dataset("builtin:shapes", 24)[7][0].shape == (3, 24, 24)
+    with pytest.raises(ValueError, match="builtin:shapes"):
+        data.make_dataset("builtin:circles", 32)

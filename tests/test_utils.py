@@ -1,0 +1,113 @@
+"""Distributed setup, atomic checkpoints, RNG state, EMA and the weight cache."""
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_torchrun(script, nproc=2, timeout=120):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+
+
+def test_two_process_gloo_setup_all_reduce_cleanup(tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(textwrap.dedent("""
+        import torch.distributed as dist
+        import utils
+        rank, world, device = utils.setup_distributed()
+        assert dist.get_backend() == "gloo" and world == 2
+        mean = utils.all_reduce_mean({"x": float(rank + 1), "y": 10.0 * rank}, device)
+        print(f"rank={rank} main={utils.is_main()} x={mean['x']} y={mean['y']}", flush=True)
+        utils.cleanup()
+        utils.cleanup()  # safe twice
+    """))
+    out = run_torchrun(str(script))
+    assert out.returncode == 0, out.stderr
+    assert "rank=0 main=True x=1.5 y=5.0" in out.stdout
+    assert "rank=1 main=False x=1.5 y=5.0" in out.stdout
+
+
+def test_single_process_without_torchrun():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    code = "import utils; r, w, d = utils.setup_distributed(); print(r, w, d.type); utils.cleanup()"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["0", "1", "cpu"], out.stderr
+
+
+def test_killed_save_never_replaces_previous_checkpoint(tmp_path):
+    path = tmp_path / "latest.pt"
+    utils.save_checkpoint({"step": 1, "w": torch.ones(3)}, str(path))
+    script = tmp_path / "kill.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, torch, utils
+        real_save = torch.save
+        def dying_save(obj, f):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of writing
+        torch.save = dying_save
+        utils.save_checkpoint({{"step": 2, "w": torch.zeros(3)}}, {str(path)!r})
+    """))
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert out.returncode == -9
+    ckpt = utils.load_checkpoint(str(path))
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+
+
+def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
+    utils.seed_everything(3)
+    state = utils.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    utils.save_checkpoint({"rng": state}, str(tmp_path / "rng.pt"))
+    utils.seed_everything(99)
+    utils.set_rng_state(utils.load_checkpoint(str(tmp_path / "rng.pt"))["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_ema_update_closed_form():
+    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = ema.weight.detach().clone()
+    utils.update_ema(ema, model, 0.9)
+    torch.testing.assert_close(ema.weight, 0.9 * before + 0.1 * model.weight.detach())
+
+
+def test_weight_cache_uses_file_in_place_and_names_path_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("EQVAE_CACHE", str(tmp_path))
+
+    def no_network(*a, **k):
+        raise OSError("offline")
+
+    monkeypatch.setattr(utils.urllib.request, "urlopen", no_network)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "weights.pth").write_bytes(b"x")
+    assert utils.download("https://example.invalid/weights.pth", "w/weights.pth") == str(tmp_path / "w" / "weights.pth")
+    with pytest.raises(RuntimeError) as e:
+        utils.download("https://example.invalid/other.pth", "w/other.pth")
+    assert "https://example.invalid/other.pth" in str(e.value) and str(tmp_path / "w" / "other.pth") in str(e.value)
+    assert not (tmp_path / "w" / "other.pth.part").exists()
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        utils.load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="bad.pt"):
+        utils.load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_check_finite_names_step():
+    utils.check_finite(torch.tensor(1.0), 3)
+    with pytest.raises(FloatingPointError, match="nan at step 7"):
+        utils.check_finite(torch.tensor(float("nan")), 7)
