@@ -92,6 +92,25 @@ def preprocess(pil_image, image_size, crop="adm", flip=False, rng=random):
     return pil_to_tensor(pil_image)
 
 
+def augment_rng(seed, epoch, index):
+    """Random crops/flips drawn from (seed, epoch, index) alone, so they are the same with any
+    number of workers or ranks, and after --resume."""
+    return random.Random(f"{seed}-{epoch}-{index}")
+
+
+def epoch_indices(num_items, epoch, seed, rank=0, world_size=1, shuffle=True):
+    """This rank's sample order for an epoch: one seeded permutation, the tail dropped so every
+    rank gets the same count, then every world_size-th item. A list is a valid DataLoader sampler;
+    slicing it resumes mid-epoch."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(num_items, generator=g).tolist()
+    else:
+        order = list(range(num_items))
+    usable = num_items - num_items % world_size
+    return order[rank:usable:world_size]
+
+
 # ----------------------------------------------------------------------------- folders
 
 
@@ -104,24 +123,27 @@ def list_images(root):
     return found
 
 
-def _readable(path):
+def _scan(path):
+    """(problem or None, short side) from the file's header and structure."""
     try:
         with Image.open(path) as img:
-            img.verify()  # header + structure check; truncated data is caught again at load time
-        return None
+            size = min(img.size)
+            img.verify()  # structure check; truncated pixel data is caught again at load time
+        return None, size
     except Exception as e:
-        return f"{path} ({type(e).__name__}: {e})"
+        return f"{path} ({type(e).__name__}: {e})", 0
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images under a folder. `class_folders=True`: ImageNet layout, label = index of the sorted
     top-level folder name; otherwise every image is label 0 (OpenImages-style flat/recursive).
 
-    Unreadable files are found once at construction and skipped with one warning naming each file;
-    a file that breaks later (truncated data) is named and replaced by the next readable image.
+    Unreadable files are found once at construction and skipped with one warning naming each file
+    (`check=True`, one header read per file); a file that breaks later (truncated data) is named
+    and replaced by the next readable image. `min_size` refuses images smaller than the crop.
     """
 
-    def __init__(self, root, image_size, crop="adm", flip=False, class_folders=True, min_size=None, check=True):
+    def __init__(self, root, image_size, crop="adm", flip=False, class_folders=True, min_size=None, check=True, seed=0):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data-path {root} is not a folder: give a folder of images (or builtin:shapes)")
         self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
@@ -134,24 +156,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self.samples = [(p, 0) for p in list_images(root)]
         if check and self.samples:
             with ThreadPoolExecutor(8) as pool:
-                problems = [p for p in pool.map(_readable, [s[0] for s in self.samples]) if p]
+                scans = list(pool.map(_scan, [p for p, _ in self.samples]))
+            problems = [problem for problem, _ in scans if problem]
             if problems:
-                bad = {p.split(" (")[0] for p in problems}
-                self.samples = [s for s in self.samples if s[0] not in bad]
                 warnings.warn(
                     f"skipping {len(problems)} unreadable image(s) under {root}:\n  " + "\n  ".join(problems), stacklevel=2
                 )
+            if min_size is not None:
+                small = [p for (p, _), (problem, side) in zip(self.samples, scans) if not problem and side < min_size]
+                if small:
+                    raise RuntimeError(
+                        f"{small[0]} is smaller than the {min_size}px crop ({len(small)} such image(s) under {root}): "
+                        f"use a smaller --image-size or remove the small images"
+                    )
+            self.samples = [s for s, (problem, _) in zip(self.samples, scans) if not problem]
         if not self.samples:
             raise RuntimeError(f"no readable image found under {root} (extensions: {', '.join(IMG_EXTENSIONS)})")
-        if min_size is not None:
-            small = [p for p, _ in self.samples[:1000] if min(Image.open(p).size) < min_size]
-            if small:
-                raise RuntimeError(
-                    f"{small[0]} is smaller than the {min_size}px crop ({len(small)} such in the first 1000 files): "
-                    f"use a smaller --image-size or remove small images"
-                )
         self.num_classes = len(self.classes)
-        self.skipped = []
+        self.seed, self.epoch = seed, 0
 
     def __len__(self):
         return len(self.samples)
@@ -162,10 +184,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 image = load_rgb(path)
             except Exception as e:
-                self.skipped.append(path)
                 warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", stacklevel=2)
                 continue
-            return preprocess(image, self.image_size, self.crop, self.flip), label
+            return preprocess(image, self.image_size, self.crop, self.flip, augment_rng(self.seed, self.epoch, index)), label
         raise RuntimeError(f"no readable image left under {self.root}")
 
 
@@ -267,13 +288,14 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, num_images, image_size, seed=0, flip=False):
         self.num_images, self.image_size, self.seed, self.flip = num_images, image_size, seed, flip
+        self.epoch = 0
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, index):
         img, label = render_shape(index, self.image_size, self.seed)
-        if self.flip and random.random() < 0.5:
+        if self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img), label
 
@@ -291,9 +313,12 @@ def parse_builtin(spec):
     return n, seed
 
 
-def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=True, min_size=None):
-    """A folder path or `builtin:shapes...` -> a dataset yielding ([-1, 1] CHW tensor, label)."""
+def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=True, min_size=None, seed=0):
+    """A folder path or `builtin:shapes...` -> a dataset yielding ([-1, 1] CHW tensor, label).
+
+    `seed` seeds the augmentations (crops, flips); set `dataset.epoch` before each epoch."""
     if data_path.startswith("builtin:"):
-        n, seed = parse_builtin(data_path)
-        return ShapesDataset(n, image_size, seed=seed, flip=flip)
-    return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders, min_size=min_size)
+        n, shape_seed = parse_builtin(data_path)
+        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip)
+    return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders,
+                              min_size=min_size, seed=seed)

@@ -4,7 +4,8 @@ Rooms, in order:
   1. shared layers (ResNet block, single-head spatial attention, down/up sampling)
   2. autoencoders: LDM encoder/decoder, diagonal Gaussian posterior, AutoencoderKL, VQModel,
      PatchGAN discriminator
-  3. the EQ-VAE spatial transforms tau (paper Eq. 2 and 6)
+  3. the EQ-VAE spatial transforms tau (paper Eq. 2 and 6), the equivariance error (App. C.3),
+     PSNR and LPIPS (used by training and evaluation alike)
   4. checkpoint formats: LDM/taming .ckpt, diffusers folders and state dicts, our own format,
      weights by name, diffusers export
   5. registries: AE_configs, PRETRAINED_AUTOENCODERS
@@ -18,6 +19,7 @@ import math
 import os
 import random
 import re
+import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -30,16 +32,21 @@ import utils
 # ============================================================================= 1. shared layers
 
 
-def Normalize(channels):
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels, groups=32):
+    """GroupNorm with LDM's 32 groups and eps 1e-6 (fewer groups only for the tiny demo models)."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+def at_least_fp32(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, dropout=0.0):
+    def __init__(self, in_channels, out_channels, dropout=0.0, groups=32):
         super().__init__()
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         # LDM names the 1x1 projection of the skip path `nin_shortcut`
@@ -54,9 +61,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convs as in LDM."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, groups=32):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -96,7 +103,7 @@ class Upsample(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, double_z=True,
-                 in_channels=3, resolution=256, dropout=0.0):
+                 in_channels=3, resolution=256, dropout=0.0, norm_groups=32):
         super().__init__()
         self.num_levels = len(ch_mult)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
@@ -109,19 +116,19 @@ class Encoder(nn.Module):
             level.block = nn.ModuleList()
             level.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, norm_groups))
             if i != self.num_levels - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_groups)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
     def forward(self, x):
@@ -139,16 +146,16 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, out_channels=3,
-                 resolution=256, dropout=0.0):
+                 resolution=256, dropout=0.0, norm_groups=32):
         super().__init__()
         self.num_levels = len(ch_mult)
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (self.num_levels - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_groups)
         # up[i] is the level at resolution / 2**i, built from the lowest resolution upwards (LDM order)
         up = []
         for i in reversed(range(self.num_levels)):
@@ -157,16 +164,16 @@ class Decoder(nn.Module):
             level.block = nn.ModuleList()
             level.attn = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, norm_groups))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
             up.insert(0, level)
         self.up = nn.ModuleList(up)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, 1, 1)
 
     def forward(self, z):
@@ -187,7 +194,7 @@ class DiagonalGaussian:
     """Posterior q(z|x) = N(mean, exp(logvar)); logvar clamped to [-30, 20] as in LDM."""
 
     def __init__(self, moments):
-        self.mean, logvar = torch.chunk(moments, 2, dim=1)
+        self.mean, logvar = torch.chunk(at_least_fp32(moments), 2, dim=1)  # the KL in fp32 under autocast
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
@@ -213,18 +220,20 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), z_channels=4,
                  embed_dim=4, use_quant_conv=True, in_channels=3, out_channels=3, resolution=256, dropout=0.0,
-                 scaling_factor=1.0, shift_factor=0.0):
+                 norm_groups=32, scaling_factor=1.0, shift_factor=0.0):
         super().__init__()
         self.config = dict(kind="kl", ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), z_channels=z_channels, embed_dim=embed_dim,
                            use_quant_conv=use_quant_conv, in_channels=in_channels, out_channels=out_channels,
-                           resolution=resolution, dropout=dropout, scaling_factor=scaling_factor,
-                           shift_factor=shift_factor)
+                           resolution=resolution, dropout=dropout, norm_groups=norm_groups,
+                           scaling_factor=scaling_factor, shift_factor=shift_factor)
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.latent_channels = embed_dim
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, True, in_channels, resolution, dropout)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, out_channels, resolution, dropout)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, True, in_channels, resolution,
+                               dropout, norm_groups)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, out_channels, resolution,
+                               dropout, norm_groups)
         if use_quant_conv:
             self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
             self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
@@ -244,9 +253,12 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(self, x, sample_posterior=True):
+    def forward(self, x, sample_posterior=True, latent_fn=None):
+        """D(latent_fn(z)), z ~ q(z|x): latent_fn = tau gives EQ-VAE's D(tau(E(x))) (Eq. 5)."""
         posterior = self.encode(x)
         z = posterior.sample() if sample_posterior else posterior.mode()
+        if latent_fn is not None:
+            z = latent_fn(z)
         return self.decode(z), posterior
 
     def encode_features(self, x):
@@ -271,7 +283,10 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(n_embed, embed_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
 
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(self, h):
+        h = at_least_fp32(h)  # nearest-code search in fp32: bf16 distances would pick wrong codes
         N, C, H, W = h.shape
         flat = h.permute(0, 2, 3, 1).reshape(-1, C)  # (NHW, C)
         codebook = self.embedding.weight
@@ -293,18 +308,20 @@ class VQModel(nn.Module):
 
     def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256,
                  embed_dim=256, n_embed=1024, beta=0.25, legacy=True, in_channels=3, out_channels=3,
-                 resolution=256, dropout=0.0, scaling_factor=1.0, shift_factor=0.0):
+                 resolution=256, dropout=0.0, norm_groups=32, scaling_factor=1.0, shift_factor=0.0):
         super().__init__()
         self.config = dict(kind="vq", ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), z_channels=z_channels, embed_dim=embed_dim,
                            n_embed=n_embed, beta=beta, legacy=legacy, in_channels=in_channels,
                            out_channels=out_channels, resolution=resolution, dropout=dropout,
-                           scaling_factor=scaling_factor, shift_factor=shift_factor)
+                           norm_groups=norm_groups, scaling_factor=scaling_factor, shift_factor=shift_factor)
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.latent_channels = embed_dim
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, False, in_channels, resolution, dropout)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, out_channels, resolution, dropout)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, False, in_channels, resolution,
+                               dropout, norm_groups)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, out_channels, resolution,
+                               dropout, norm_groups)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta, legacy)
@@ -324,8 +341,12 @@ class VQModel(nn.Module):
         zq = self.quantize.embedding(indices).permute(0, 3, 1, 2)  # (N, H, W) -> (N, C, H, W)
         return self.decode(zq)
 
-    def forward(self, x):
-        zq, vq_loss, indices = self.quantize(self.encode_features(x))
+    def forward(self, x, latent_fn=None):
+        """For EQ-VAE, latent_fn = tau acts on the features before quantization (Sec. 3.3)."""
+        h = self.encode_features(x)
+        if latent_fn is not None:
+            h = latent_fn(h)
+        zq, vq_loss, indices = self.quantize(h)
         return self.decode(zq), vq_loss, indices
 
     def last_layer(self):
@@ -450,6 +471,68 @@ def apply_eq_transform(x, t, interp="bicubic", antialias=False):
         x = F.interpolate(x, size=(new_h, new_w), mode=interp, align_corners=align,
                           antialias=antialias and interp in ("bilinear", "bicubic"))
     return x
+
+
+# Appendix C.3: the transformation sets of the equivariance error.
+EQ_EVAL_ROTATIONS = (1, 2, 3)  # pi/2, pi, 3pi/2 as quarter turns
+EQ_EVAL_SCALES = (0.25, 0.5, 0.75)
+
+
+@torch.no_grad()
+def equivariance_error(model, x, transforms, interp="bicubic", antialias=False):
+    """App. C.3: per image, the mean over tau of ||tau E(x) - E(tau x)||^2 / ||E(tau x)||^2.
+
+    E is `encode_features`: the posterior mean for KL models, pre-quantization features for VQ.
+    Returns a (N,) tensor (callers average over images and ranks).
+    """
+    z = model.encode_features(x).float()
+    errors = []
+    for t in transforms:
+        tz = apply_eq_transform(z, t, interp, antialias)
+        ztx = model.encode_features(apply_eq_transform(x, t, interp, antialias)).float()
+        errors.append((tz - ztx).pow(2).sum(dim=[1, 2, 3]) / ztx.pow(2).sum(dim=[1, 2, 3]).clamp_min(1e-12))
+    return torch.stack(errors).mean(0)
+
+
+def eval_transforms(lat_h, lat_w, kind):
+    """T_r (rotations) or T_s (scales) of App. C.3 for a latent of this size."""
+    if kind == "rotation":
+        return [eq_transform(lat_h, lat_w, k=k) for k in EQ_EVAL_ROTATIONS]
+    return [eq_transform(lat_h, lat_w, scale=s) for s in EQ_EVAL_SCALES]
+
+
+def to_uint8(x):
+    """[-1, 1] float images -> uint8 with DiT's rounding (127.5 x + 128, clamped)."""
+    return (x * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
+
+
+def psnr(x, y):
+    """Per-image PSNR in dB between [-1, 1] images, on uint8-quantized values (inf when equal)."""
+    mse = (to_uint8(x).float() - to_uint8(y).float()).pow(2).flatten(1).mean(1)
+    return 20 * torch.log10(torch.tensor(255.0, device=mse.device)) - 10 * torch.log10(mse)
+
+
+def load_lpips(random_backbone=False):
+    """LPIPS-VGG (v0.1) from the `lpips` package, frozen, inputs in [-1, 1].
+
+    Its linear heads ship with the package; the VGG16 backbone comes from torchvision's ImageNet
+    weights, which must be downloadable or already in torch's hub cache. `random_backbone=True`
+    uses a random VGG (tests, offline demos): the numbers are then not comparable to anything.
+    """
+    import lpips
+
+    try:
+        with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+            warnings.simplefilter("ignore", UserWarning)
+            net = lpips.LPIPS(net="vgg", pnet_rand=random_backbone, verbose=False)
+    except Exception as e:
+        hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise RuntimeError(
+            f"LPIPS could not load torchvision's VGG16 ImageNet weights ({e}). Download "
+            f"https://download.pytorch.org/models/vgg16-397923af.pth into {hub}, "
+            f"or pass --lpips-random for a random backbone (numbers then not comparable)."
+        ) from None
+    return net.eval().requires_grad_(False)
 
 
 # ============================================================================= 4. checkpoint formats
@@ -583,12 +666,12 @@ def config_from_diffusers(cfg):
                 attn_resolutions=[resolution // 2**i for i in attn_levels], z_channels=cfg["latent_channels"],
                 embed_dim=cfg["latent_channels"], use_quant_conv=cfg.get("use_quant_conv", True),
                 in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-                resolution=resolution, dropout=0.0, scaling_factor=scaling, shift_factor=shift)
+                resolution=resolution, dropout=0.0, norm_groups=cfg.get("norm_num_groups", 32),
+                scaling_factor=scaling, shift_factor=shift)
 
 
 def config_from_diffusers_state(sd, resolution=256):
     """Architecture of a bare diffusers-named state dict (no config.json)."""
-    ch = sd["encoder.conv_in.weight"].shape[0]
     levels = _levels(sd, r"encoder\.down_blocks")
     boc = [sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in levels]
     attn = [i for i in levels if any(k.startswith(f"encoder.down_blocks.{i}.attentions.") for k in sd)]
@@ -625,7 +708,7 @@ def export_diffusers(model, folder):
         "layers_per_block": c["num_res_blocks"],
         "act_fn": "silu",
         "latent_channels": c["embed_dim"],
-        "norm_num_groups": 32,
+        "norm_num_groups": c["norm_groups"],
         "sample_size": c["resolution"],
         "scaling_factor": model.scaling_factor,
         "shift_factor": model.shift_factor if model.shift_factor else None,
@@ -668,7 +751,10 @@ def _split_state(obj):
     if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG:
         return obj["state_dict"], obj.get("extras", {}), obj["config"]
     if isinstance(obj, dict) and "autoencoder_config" in obj and "model" in obj:  # a train_vae.py checkpoint
-        return (obj.get("ema") or obj["model"]), {"discriminator": obj.get("discriminator"), "logvar": obj.get("logvar")}, obj["autoencoder_config"]
+        extras = {f"loss.discriminator.{k}": v for k, v in obj.get("discriminator", {}).items()}
+        if obj.get("logvar") is not None:
+            extras["loss.logvar"] = obj["logvar"]
+        return (obj.get("ema") or obj["model"]), extras, obj["autoencoder_config"]
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError("the file holds no state dict of tensors")
@@ -793,10 +879,10 @@ AE_configs = {
                        z_channels=16, embed_dim=16, use_quant_conv=True),
     "vq-f16-1024": dict(kind="vq", ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
                         z_channels=256, embed_dim=256, n_embed=1024),
-    "tiny": dict(kind="kl", ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
-                 embed_dim=4, use_quant_conv=True, resolution=64),
-    "tiny-vq": dict(kind="vq", ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16], z_channels=16,
-                    embed_dim=16, n_embed=64, resolution=64),
+    "tiny": dict(kind="kl", ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
+                 embed_dim=4, use_quant_conv=True, resolution=64, norm_groups=8),
+    "tiny-vq": dict(kind="vq", ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16], z_channels=16,
+                    embed_dim=16, n_embed=64, resolution=64, norm_groups=8),
 }
 
 # Published weights by name. diffusers repos download config.json + safetensors; LDM releases

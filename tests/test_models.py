@@ -14,6 +14,9 @@ import utils
 
 diffusers = pytest.importorskip("diffusers")
 
+# a small model with LDM's 32 norm groups: bare state dicts carry no group count, so they load as 32
+SMALL = dict(models.AE_configs["tiny"], ch=32, norm_groups=32)
+
 
 def diffusers_kl(config):
     """diffusers' AutoencoderKL with the architecture of one of our configs."""
@@ -25,7 +28,8 @@ def diffusers_kl(config):
         up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
         block_out_channels=[config["ch"] * m for m in config["ch_mult"]],
         layers_per_block=config["num_res_blocks"], latent_channels=config["embed_dim"], sample_size=res,
-        use_quant_conv=config["use_quant_conv"], use_post_quant_conv=config["use_quant_conv"])
+        use_quant_conv=config["use_quant_conv"], use_post_quant_conv=config["use_quant_conv"],
+        norm_num_groups=config.get("norm_groups", 32))
 
 
 def assert_same_outputs(ours, theirs, x):
@@ -83,7 +87,7 @@ def test_bare_diffusers_safetensors_and_our_format_round_trip(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(2)
-    model = models.build_autoencoder(models.AE_configs["tiny"]).eval()
+    model = models.build_autoencoder(SMALL).eval()
     save_file({k: v.contiguous() for k, v in models.ours_to_diffusers(model).items()}, tmp_path / "vae.safetensors")
     models.save_autoencoder(model, tmp_path / "ours.pt")
     x = torch.randn(2, 3, 64, 64)
@@ -95,7 +99,7 @@ def test_bare_diffusers_safetensors_and_our_format_round_trip(tmp_path):
 
 
 def test_strict_loading_lists_missing_and_unexpected(tmp_path):
-    model = models.build_autoencoder(models.AE_configs["tiny"])
+    model = models.build_autoencoder(SMALL)
     sd = model.state_dict()
     sd.pop("decoder.conv_out.bias")
     sd["decoder.extra.weight"] = torch.zeros(1)
@@ -120,7 +124,7 @@ def test_diffusers_strict_conversion_names_the_key(tmp_path):
 
 
 def test_weights_only_refusal_names_the_flag(tmp_path):
-    model = models.build_autoencoder(models.AE_configs["tiny"])
+    model = models.build_autoencoder(SMALL)
     torch.save({"state_dict": model.state_dict(), "hparams": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.ckpt")
     with pytest.raises(RuntimeError, match="--trust-checkpoint"):
         models.load_autoencoder(str(tmp_path / "pickled.ckpt"))
@@ -136,7 +140,7 @@ def test_pretrained_names_resolve_to_cached_files(tmp_path, monkeypatch):
         raise OSError("offline")
 
     monkeypatch.setattr(utils.urllib.request, "urlopen", no_network)
-    model = models.build_autoencoder(dict(models.AE_configs["tiny"], scaling_factor=0.5))
+    model = models.build_autoencoder(dict(SMALL, scaling_factor=0.5))
     models.export_diffusers(model, tmp_path / "sd-vae-ft-ema")
     assert models.load_autoencoder("sd-vae-ft-ema").scaling_factor == 0.5
     # an LDM release zip in place is unpacked once to model.ckpt

@@ -1,0 +1,675 @@
+"""EQ-VAE fine-tuning (or training from scratch) of KL and VQ autoencoders (paper Sec. 3.3).
+
+Each step, with probability --eq-prob the step uses the EQ-VAE objective (Eq. 5): decode the
+transformed latent and compare it with the transformed image, L_rec(tau x, D(tau E(x))) + GAN on
+D(tau E(x)) + KL of q(z|x); otherwise the standard LDM objective (Eq. 1). That is Eq. 7.
+
+  CPU smoke:  python train_vae.py --preset tiny
+  one GPU:    python train_vae.py --vae kl-f8 --data-path /data/openimages/train --results-dir results
+  8 GPUs:     torchrun --nproc_per_node=8 train_vae.py --vae kl-f8 --data-path /data/openimages/train \\
+                  --global-batch-size 80 --grad-accum 2 --epochs 5 --export-diffusers results/eq-vae-diffusers
+  the demo:   python train_vae.py --preset demo
+"""
+import argparse
+import copy
+import os
+import random
+import shutil
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import save_image
+
+import data
+import models
+import utils
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def forward_step(ae, x, tau, interp, antialias):
+    """One autoencoder pass. tau=None: Eq. 1 (target x, reconstruction D(E(x))); otherwise Eq. 5
+    (target tau x, reconstruction D(tau E(x))). The regulariser is always that of q(z|x): the KL
+    of the untransformed posterior (summed over C, H, W, mean over the batch, as LDM), or the VQ
+    codebook + commitment loss of the transformed features for discrete models."""
+    latent_fn = None if tau is None else (lambda z: models.apply_eq_transform(z, tau, interp, antialias))
+    target = x if tau is None else models.apply_eq_transform(x, tau, interp, antialias)
+    if utils.unwrap(ae).kind == "kl":
+        rec, posterior = ae(x, latent_fn=latent_fn)
+        reg = posterior.kl().mean()
+    else:
+        rec, reg, _ = ae(x, latent_fn=latent_fn)
+    return target, rec, reg
+
+
+def explicit_loss(ae, x, tau, stop_grad, interp, antialias):
+    """App. A.1, Eq. 4: mean squared ||tau E(x) - E(tau x)||^2, optionally with sg[E(tau x)]."""
+    core = utils.unwrap(ae)
+    tz = models.apply_eq_transform(core.encode_features(x), tau, interp, antialias)
+    tx = models.apply_eq_transform(x, tau, interp, antialias)
+    if stop_grad:
+        with torch.no_grad():
+            ztx = core.encode_features(tx)
+    else:
+        ztx = core.encode_features(tx)
+    return F.mse_loss(tz, ztx)
+
+
+def adaptive_gan_weight(nll_loss, g_loss, last_layer, disc_weight):
+    """LDM's balance: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last conv, clamped to 1e4."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, 1e4).detach() * disc_weight
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_loss(kind, target, rec, reg, logvar, lpips_net, disc, args, gan_on, last_layer):
+    """LDM's LPIPSWithDiscriminator (KL) or taming's VQLPIPSWithDiscriminator (VQ), generator side.
+
+    KL: nll = sum((|x - x'| + w_p LPIPS) / exp(logvar) + logvar) / N, + kl_weight * KL.
+    VQ: nll = mean(|x - x'| + w_p LPIPS), + codebook_weight * VQ loss.
+    Both: + adaptive weight * disc_factor * (-mean D(x')) once the discriminator is on.
+    """
+    rec_loss = (target - rec).abs()
+    terms = {"l1": rec_loss.mean().detach()}
+    if args.perceptual_weight > 0:
+        p_loss = lpips_net(target, rec)  # (N, 1, 1, 1), broadcast over pixels as in LDM
+        rec_loss = rec_loss + args.perceptual_weight * p_loss
+        terms["lpips"] = p_loss.mean().detach()
+    if kind == "kl":
+        nll = (rec_loss / torch.exp(logvar) + logvar).sum() / rec_loss.shape[0]
+        loss = nll + args.kl_weight * reg
+        terms["kl"] = reg.detach()
+    else:
+        nll = rec_loss.mean()
+        loss = nll + args.codebook_weight * reg
+        terms["vq"] = reg.detach()
+    terms["nll"] = nll.detach()
+    if gan_on:
+        g_loss = -disc(rec).mean()
+        d_weight = adaptive_gan_weight(nll, g_loss, last_layer, args.disc_weight)
+        loss = loss + d_weight * args.disc_factor * g_loss
+        terms["g"], terms["d_weight"] = g_loss.detach(), d_weight
+    return loss, terms
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sample_step_kind(rng, step, args):
+    """Eq. 7: 'eq' with probability --eq-prob (from --eq-start on), else 'lowres' with probability
+    --lowres-prob (the official code's prior preservation at low resolution), else 'standard'."""
+    if step >= args.eq_start and rng.random() < args.eq_prob:
+        return "eq"
+    if rng.random() < args.lowres_prob:
+        return "lowres"
+    return "standard"
+
+
+def lowres_input(x, lat, rng, args):
+    """Official-code prior preservation: downscale the image by a random factor from the scale
+    grid and reconstruct it at that size (not in the paper)."""
+    tau = models.sample_eq_transform(lat[0], lat[1], "scale", scales=args.eq_scales, rng=rng)
+    return models.apply_eq_transform(x, tau, args.interp, args.antialias)
+
+
+@torch.no_grad()
+def evaluate_batch(ae, x, args):
+    """Rotation and scale equivariance error (App. C.3) and PSNR on a fixed held-out batch."""
+    ae.eval()
+    lat = x.shape[-2] // ae.downsample_factor, x.shape[-1] // ae.downsample_factor
+    rot = models.equivariance_error(ae, x, models.eval_transforms(*lat, "rotation"), args.interp, args.antialias)
+    scale = models.equivariance_error(ae, x, models.eval_transforms(*lat, "scale"), args.interp, args.antialias)
+    rec = reconstruct(ae, x)
+    ae.train()
+    return {"eq_err_rot": rot.mean().item(), "eq_err_scale": scale.mean().item(), "psnr": models.psnr(x, rec).mean().item()}
+
+
+def reconstruct(ae, x, latent_fn=None):
+    """Deterministic reconstruction: posterior mean (KL) or quantized features (VQ)."""
+    if ae.kind == "kl":
+        z = ae.encode(x).mean
+        return ae.decode(z if latent_fn is None else latent_fn(z))
+    h = ae.encode_features(x)
+    return ae.decode(ae.quantize(h if latent_fn is None else latent_fn(h))[0])
+
+
+@torch.no_grad()
+def save_figure2(ae, x, path, args, scale=0.5, k=0):
+    """Figure 2 layout, one row per image: x | D(E(x)) | tau x | D(E(tau x)) | D(tau E(x)).
+    Smaller images are padded to the input size so the grid is rectangular."""
+    ae.eval()
+    lat = x.shape[-2] // ae.downsample_factor, x.shape[-1] // ae.downsample_factor
+    tau = models.eq_transform(*lat, k=k, scale=scale)
+    fn = lambda v: models.apply_eq_transform(v, tau, args.interp, args.antialias)
+    columns = [x, reconstruct(ae, x), fn(x), reconstruct(ae, fn(x)), reconstruct(ae, x, latent_fn=fn)]
+    H, W = x.shape[-2:]
+    columns = [F.pad(c, (0, W - c.shape[-1], 0, H - c.shape[-2]), value=1.0) for c in columns]
+    grid = torch.stack(columns, dim=1).flatten(0, 1)  # (N*5, C, H, W), row-major
+    if H < 128:  # small demo images: nearest upscaling so a person can see them
+        grid = F.interpolate(grid, scale_factor=128 // H, mode="nearest")
+    save_image((grid.clamp(-1, 1) + 1) / 2, path, nrow=len(columns), padding=2, pad_value=1.0)
+    ae.train()
+
+
+def held_out_batch(args):
+    """Fixed evaluation images: --val-data-path, or a builtin:shapes seed the training set does
+    not use, or else the first images of the training folder (said in the log)."""
+    if args.val_data_path:
+        ds = data.make_dataset(args.val_data_path, args.image_size, crop="adm")
+    elif args.data_path.startswith("builtin:"):
+        ds = data.make_dataset(f"builtin:shapes:{args.num_eval_images}:{10_000 + data.parse_builtin(args.data_path)[1]}", args.image_size)
+    else:
+        ds = data.make_dataset(args.data_path, args.image_size, crop="adm")
+    n = min(args.num_eval_images, len(ds))
+    return torch.stack([ds[i][0] for i in range(n)])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    rank, world_size, device = utils.setup_distributed()
+    check_args(args, world_size)
+    utils.seed_everything(args.global_seed)  # identical initial weights (scratch models, discriminator) on every rank
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32),
+                    enabled=precision != "fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # models first, so a bad checkpoint or data path fails before anything is written. A resumed
+    # run rebuilds the architecture from its checkpoint; otherwise --vae gives the starting weights.
+    notes = []
+    resume_path = resolve_resume(args.resume) if args.resume else None
+    try:
+        if resume_path:
+            resume_ckpt = utils.load_checkpoint(resume_path, args.trust_checkpoint)
+            ae, extras = models.build_autoencoder(resume_ckpt["autoencoder_config"]), {}
+        else:
+            resume_ckpt = None
+            ae, extras = models.load_autoencoder(args.vae, args.trust_checkpoint, return_extras=True)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        utils.fail(f"{'--resume ' + resume_path if resume_path else '--vae ' + args.vae}: {str(e).strip(chr(34) + chr(39))}")
+    kind = ae.kind
+    check_kind_flags(args, kind)
+    resolve_kind_defaults(args, kind)
+    disc = models.NLayerDiscriminator(ndf=args.disc_channels, n_layers=args.disc_layers)
+    disc_state = {k[len("loss.discriminator."):]: v for k, v in extras.items() if k.startswith("loss.discriminator.")}
+    if disc_state:
+        try:
+            disc.load_state_dict(disc_state, strict=True)
+        except RuntimeError as e:
+            utils.fail(f"the discriminator in {args.vae} does not match --disc-channels/--disc-layers: {e}")
+        notes.append(f"restored the pretrained discriminator from {args.vae}")
+    elif resume_ckpt is None and args.disc_weight > 0:
+        notes.append(f"{args.vae} carries no discriminator: training a fresh one (on from step {args.disc_start})")
+    logvar = torch.nn.Parameter(torch.tensor(float(extras.get("loss.logvar", args.logvar_init or 0.0)), device=device))
+    if "loss.logvar" in extras:
+        notes.append(f"restored the pretrained logvar {logvar.item():.4f}")
+    try:
+        dataset = data.make_dataset(args.data_path, args.image_size, crop=args.crop, flip=args.flip, class_folders=False,
+                                    min_size=args.image_size if args.crop != "none" else None, seed=args.global_seed)
+        eval_x = held_out_batch(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        utils.fail(str(e))
+    if args.image_size % ae.downsample_factor:
+        utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's downsampling factor {ae.downsample_factor}")
+    smallest = min(models.scale_grid(args.image_size // ae.downsample_factor)) * ae.downsample_factor
+    try:  # shape inference on the meta device: does the PatchGAN fit the smallest transformed image?
+        with torch.device("meta"):
+            models.NLayerDiscriminator(ndf=1, n_layers=args.disc_layers).eval()(torch.zeros(1, 3, smallest, smallest))
+    except RuntimeError:
+        if args.disc_weight > 0:
+            utils.fail(f"the {args.disc_layers}-layer discriminator cannot see the smallest transformed image "
+                       f"({smallest}px at scale 0.25): use a larger --image-size or a smaller --disc-layers")
+    lpips_net = models.load_lpips(args.lpips_random).to(device) if args.perceptual_weight > 0 else None
+    if args.lpips_random and lpips_net is not None:
+        notes.append("LPIPS uses a RANDOM VGG backbone (--lpips-random): its values are not comparable to anything")
+
+    # run folder: a resumed run continues in its own folder
+    if resume_path:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
+    else:
+        run_dir = args.run_dir or make_run_dir(args.results_dir, args)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        utils.write_json(os.path.join(run_dir, "args.json"), vars(args))
+    utils.barrier()
+    logger = utils.Logger(run_dir)
+    logger.info(f"run folder {run_dir}; world size {world_size}; device {device}; precision {precision}")
+    for note in notes:
+        logger.info(note)
+    ae.to(device).train()
+    disc.to(device).train()
+    ema = copy.deepcopy(ae).requires_grad_(False).eval() if args.ema_decay > 0 else None
+    logger.info(f"autoencoder {args.vae} ({kind}, {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M params, "
+                f"f={ae.downsample_factor}); discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M params")
+
+    # optimizers: Adam(0.5, 0.9) as LDM; lr = base_lr x effective global batch unless --lr
+    effective_batch = args.global_batch_size * args.grad_accum
+    lr = args.lr if args.lr is not None else args.base_lr * effective_batch
+    ae_params = list(ae.parameters()) + ([logvar] if kind == "kl" else [])
+    opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=(0.5, 0.9))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+    scaler_ae = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler_disc = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    logger.info(f"lr {lr:.3g} (effective batch {effective_batch} = {args.global_batch_size} x {args.grad_accum} accumulation)")
+
+    # data: each rank reads its shard of one seeded permutation per epoch
+    per_rank = args.global_batch_size // world_size
+    steps_per_epoch = len(dataset) // world_size // (per_rank * args.grad_accum)
+    if steps_per_epoch == 0:
+        utils.fail(f"--data-path {args.data_path} has {len(dataset)} images, fewer than one step of "
+                   f"{effective_batch}: lower --global-batch-size or --grad-accum")
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    eval_x = eval_x.to(device)
+    lat = (args.image_size // ae.downsample_factor,) * 2
+    logger.info(f"{len(dataset)} images, {steps_per_epoch} steps per epoch, {max_steps} steps")
+
+    # resume: weights, optimizers, step, every rank's RNG streams
+    step = 0
+    rng = random.Random(args.global_seed * 7919 + rank)  # branch and tau draws of this rank
+    utils.seed_everything(args.global_seed * world_size + rank)
+    if resume_ckpt is not None:
+        ae.load_state_dict(resume_ckpt["model"])
+        disc.load_state_dict(resume_ckpt["discriminator"])
+        if resume_ckpt.get("logvar") is not None:
+            logvar.data.copy_(resume_ckpt["logvar"])
+        if ema is not None:
+            ema.load_state_dict(resume_ckpt["ema"] or resume_ckpt["model"])
+        opt_ae.load_state_dict(resume_ckpt["opt"])
+        opt_disc.load_state_dict(resume_ckpt["opt_disc"])
+        scaler_ae.load_state_dict(resume_ckpt["scaler"])
+        scaler_disc.load_state_dict(resume_ckpt["scaler_disc"])
+        step = resume_ckpt["step"]
+        if len(resume_ckpt["rng"]) == world_size:
+            utils.set_rng_state(resume_ckpt["rng"][rank])
+            rng.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in resume_ckpt["rng"][rank]["step_rng"]))
+        else:
+            logger.info(f"resuming with {world_size} processes from a {len(resume_ckpt['rng'])}-process run: RNG streams reseeded")
+            rng.seed(args.global_seed * 7919 + rank + 1_000_003 * step)
+        logger.info(f"resumed from {resume_path} at step {step}")
+    for group in opt_ae.param_groups + opt_disc.param_groups:
+        group["lr"] = lr  # the command line's lr wins over the checkpoint's
+    if world_size > 1:
+        ae_ddp = DDP(ae, device_ids=[device.index] if device.type == "cuda" else None)
+        disc_ddp = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        ae_ddp, disc_ddp = ae, disc
+
+    def save(name):
+        states = [None] * world_size
+        local = dict(utils.rng_state(), step_rng=rng.getstate())
+        if world_size > 1:
+            dist.all_gather_object(states, local)
+        else:
+            states = [local]
+        if rank == 0:
+            utils.save_checkpoint({
+                "model": ae.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "discriminator": disc.state_dict(), "logvar": logvar.detach().cpu() if kind == "kl" else None,
+                "opt": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(),
+                "scaler": scaler_ae.state_dict(), "scaler_disc": scaler_disc.state_dict(),
+                "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
+                "autoencoder_config": dict(ae.config), "rng": states,
+            }, os.path.join(ckpt_dir, name))
+        utils.barrier()
+
+    # training loop; SIGTERM/SIGINT finish the current step, save and exit cleanly
+    stop = {"requested": False}
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.update(requested=True))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
+    sums, count, t0 = {}, 0, time.time()
+    while step < max_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        dataset.epoch = epoch
+        order = data.epoch_indices(len(dataset), epoch, args.global_seed, rank, world_size)
+        order = order[offset * per_rank * args.grad_accum: steps_per_epoch * per_rank * args.grad_accum]
+        # its own generator: creating a loader must not consume the global RNG (exact --resume)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=args.num_workers,
+                                             pin_memory=device.type == "cuda", drop_last=True,
+                                             generator=torch.Generator().manual_seed(args.global_seed + epoch))
+        batches = iter(loader)
+        for _ in range(offset, steps_per_epoch):
+            if step >= max_steps:
+                break
+            opt_ae.zero_grad(set_to_none=True)
+            opt_disc.zero_grad(set_to_none=True)
+            gan_on = args.disc_weight > 0 and step >= args.disc_start
+            step_terms = {}
+            for micro in range(args.grad_accum):
+                x = next(batches)[0].to(device, non_blocking=True)
+                step_kind = sample_step_kind(rng, step, args)
+                tau = None
+                if step_kind == "eq" and args.eq_mode == "implicit":
+                    tau = models.sample_eq_transform(*lat, args.eq_transform, args.eq_angles, args.eq_scales, rng)
+                elif step_kind == "lowres":
+                    x = lowres_input(x, lat, rng, args)
+                sync = micro == args.grad_accum - 1 or world_size == 1
+                with (ae_ddp.no_sync() if not sync and world_size > 1 else torch.enable_grad()):
+                    with torch.autocast(**autocast):
+                        target, rec, reg = forward_step(ae_ddp, x, tau, args.interp, args.antialias)
+                        # the generator step sees the discriminator without DDP and without its grads
+                        disc.requires_grad_(False)
+                        loss, terms = generator_loss(kind, target, rec, reg, logvar, lpips_net, disc, args, gan_on, ae.last_layer())
+                        disc.requires_grad_(True)
+                        if step_kind == "eq" and args.eq_mode != "implicit":
+                            tau_e = models.sample_eq_transform(*lat, args.eq_transform, args.eq_angles, args.eq_scales, rng)
+                            terms["explicit"] = explicit_loss(ae_ddp, x, tau_e, args.eq_mode == "explicit-sg", args.interp, args.antialias)
+                            loss = loss + args.explicit_weight * terms["explicit"]
+                    scaler_ae.scale(loss / args.grad_accum).backward()
+                # discriminator on the same reconstruction (one autoencoder forward serves both updates)
+                if gan_on:
+                    with (disc_ddp.no_sync() if not sync and world_size > 1 else torch.enable_grad()):
+                        with torch.autocast(**autocast):
+                            d_loss = args.disc_factor * hinge_d_loss(disc_ddp(target.detach()), disc_ddp(rec.detach()))
+                        scaler_disc.scale(d_loss / args.grad_accum).backward()
+                    terms["d"] = d_loss.detach()
+                terms["loss"] = loss.detach()
+                for k, v in terms.items():
+                    step_terms[k] = step_terms.get(k, 0.0) + v.float() / args.grad_accum
+                step_terms["eq_steps"] = step_terms.get("eq_steps", 0.0) + float(step_kind == "eq") / args.grad_accum
+            # NaN/inf check and stop request in one small all-reduce per step (the loss lives on the
+            # device, so this is the step's only host sync; a bad step is never applied or saved)
+            flags = torch.tensor([float(not torch.isfinite(step_terms["loss"]).item()), float(stop["requested"])], device=device)
+            if world_size > 1:
+                dist.all_reduce(flags)
+            if flags[0] > 0:
+                logger.info(f"non-finite loss at step {step}: stopping without applying it; the last good "
+                            f"checkpoint in {ckpt_dir} is kept. Lower the lr or use --precision fp32, then --resume.")
+                logger.close()
+                restore_handlers(previous_handlers)
+                utils.cleanup()
+                raise SystemExit(3)
+            if world_size > 1 and kind == "kl":  # logvar lives outside DDP: average its gradient by hand
+                dist.all_reduce(logvar.grad)
+                logvar.grad /= world_size
+            scaler_ae.unscale_(opt_ae)
+            grad_norm = torch.nn.utils.clip_grad_norm_(ae.parameters(), args.max_grad_norm or float("inf"))
+            scaler_ae.step(opt_ae)
+            scaler_ae.update()
+            if gan_on:
+                scaler_disc.step(opt_disc)
+                scaler_disc.update()
+            if ema is not None:
+                utils.update_ema(ema, ae, args.ema_decay)
+            step += 1
+            step_terms["grad_norm"] = grad_norm.float()
+            for k, v in step_terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+
+            if step % args.log_every == 0 or step == max_steps:
+                means = utils.all_reduce_mean({k: float(v) / count for k, v in sums.items()}, device)
+                dt = time.time() - t0
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+                record = {f"train/{k}": v for k, v in means.items()}
+                record.update({"train/lr": lr, "train/steps_per_sec": count / dt,
+                               "train/images_per_sec": count * effective_batch / dt, "train/peak_mem_gb": peak})
+                logger.info(f"step {step}/{max_steps} " + " ".join(
+                    f"{k.split('/')[1]}={v:.4g}" for k, v in record.items()))
+                logger.metrics(step, record)
+                sums, count, t0 = {}, 0, time.time()
+            if step % args.eval_every == 0 or step == max_steps:
+                target_model = ema if ema is not None else ae
+                if rank == 0:
+                    metrics = evaluate_batch(target_model, eval_x, args)
+                    logger.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                    logger.metrics(step, {f"eval/{k}": v for k, v in metrics.items()})
+                    save_figure2(target_model, eval_x[:4], os.path.join(run_dir, f"figure2-{step:07d}.png"), args)
+                utils.barrier()
+            if step % args.ckpt_every == 0 or step == max_steps:
+                save(f"{step:07d}.pt")
+                if rank == 0:  # latest.pt: a hard link to the newest checkpoint, swapped in atomically
+                    tmp = os.path.join(ckpt_dir, ".latest.tmp")
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                    os.link(os.path.join(ckpt_dir, f"{step:07d}.pt"), tmp)
+                    os.replace(tmp, os.path.join(ckpt_dir, "latest.pt"))
+            if flags[1] > 0:
+                save("latest.pt")
+                logger.info(f"stop requested (SIGTERM/SIGINT): saved {ckpt_dir}/latest.pt at step {step}; "
+                            f"continue with --resume {ckpt_dir}/latest.pt")
+                logger.close()
+                restore_handlers(previous_handlers)
+                utils.cleanup()
+                raise SystemExit(0)  # a clean stop; also ends --preset demo, which would otherwise go on
+
+    # final weights in our format (EMA when used), plus the diffusers export
+    final = ema if ema is not None else ae
+    if rank == 0:
+        models.save_autoencoder(final, os.path.join(run_dir, "autoencoder.pt"),
+                                extras={**{f"loss.discriminator.{k}": v.cpu() for k, v in disc.state_dict().items()},
+                                        **({"loss.logvar": logvar.detach().cpu()} if kind == "kl" else {})})
+        if args.export_diffusers:
+            models.export_diffusers(final, args.export_diffusers)
+            logger.info(f"exported diffusers folder {args.export_diffusers}")
+        logger.info(f"done: {run_dir}/autoencoder.pt")
+    logger.close()
+    restore_handlers(previous_handlers)
+    utils.barrier()
+    utils.cleanup()
+    return run_dir
+
+
+def restore_handlers(handlers):
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def make_run_dir(results_dir, args):
+    """results/NNN-<vae>-<eq-mode>: numbered like DiT's experiment folders."""
+    os.makedirs(results_dir, exist_ok=True)
+    existing = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()]
+    name = os.path.basename(str(args.vae).rstrip("/")).replace(":", "-").replace(".", "_")
+    run_dir = os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{name}-{args.eq_mode}")
+    if dist.is_available() and dist.is_initialized():  # every rank must agree on the folder
+        holder = [run_dir]
+        dist.broadcast_object_list(holder, src=0)
+        run_dir = holder[0]
+    return run_dir
+
+
+def resolve_resume(path):
+    """--resume takes a checkpoint, a run folder, or its checkpoints/ folder (then latest.pt)."""
+    for candidate in (path, os.path.join(path, "latest.pt"), os.path.join(path, "checkpoints", "latest.pt")):
+        if os.path.isfile(candidate):
+            return candidate
+    utils.fail(f"--resume {path}: no checkpoint there (looked for the file, latest.pt and checkpoints/latest.pt)")
+
+
+def check_args(args, world_size):
+    """Bad input fails here, before any model is built or any file written."""
+    if args.data_path is None:
+        utils.fail("--data-path is required: an image folder or builtin:shapes (or use --preset tiny/demo)")
+    if not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
+        utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
+    if args.val_data_path and not args.val_data_path.startswith("builtin:") and not os.path.isdir(args.val_data_path):
+        utils.fail(f"--val-data-path {args.val_data_path} does not exist or is not a folder")
+    if args.global_batch_size % world_size:
+        utils.fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
+    if not 0 <= args.eq_prob <= 1 or not 0 <= args.lowres_prob <= 1:
+        utils.fail("--eq-prob and --lowres-prob are probabilities in [0, 1]")
+    if args.export_diffusers and os.path.exists(args.export_diffusers) and os.listdir(args.export_diffusers):
+        utils.fail(f"--export-diffusers {args.export_diffusers} exists and is not empty: choose a new folder")
+
+
+KIND_ONLY_FLAGS = {"kl": ("kl_weight", "logvar_init"), "vq": ("codebook_weight",)}
+
+
+def check_kind_flags(args, kind):
+    """A flag for the other kind of autoencoder (e.g. --kl-weight on a VQ model) is an error."""
+    other = "vq" if kind == "kl" else "kl"
+    given = [f"--{f.replace('_', '-')}" for f in KIND_ONLY_FLAGS[other] if getattr(args, f) is not None]
+    if given:
+        utils.fail(f"{args.vae} is a {kind.upper()} autoencoder but {', '.join(given)} only apply to "
+                   f"{other.upper()} models: remove them")
+    if kind == "vq" and args.export_diffusers:
+        utils.fail("--export-diffusers writes diffusers' AutoencoderKL: it does not apply to VQ models")
+
+
+def resolve_kind_defaults(args, kind):
+    """Per-kind defaults: LDM kl-f8 (KL weight 1e-6, GAN weight 0.5) and taming f16 (codebook 1.0, GAN 0.8)."""
+    if kind == "kl":
+        args.kl_weight = 1e-6 if args.kl_weight is None else args.kl_weight
+        args.logvar_init = 0.0 if args.logvar_init is None else args.logvar_init
+    else:
+        args.codebook_weight = 1.0 if args.codebook_weight is None else args.codebook_weight
+    if args.disc_weight is None:
+        args.disc_weight = 0.5 if kind == "kl" else 0.8
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def run_demo(args):
+    """The paper's Table 6 comparison in miniature: train a small KL autoencoder with the standard
+    objective, then continue from that same state in two branches with the same steps and data
+    order: a control (standard objective only) and EQ-VAE (--eq-start). Prints one table."""
+    results_dir = os.path.join(args.results_dir, "demo")
+    if os.path.isdir(results_dir):
+        shutil.rmtree(results_dir)
+    steps = args.max_steps
+    base = dict(vars(args), preset=None, results_dir=results_dir, max_steps=steps, eq_prob=0.0)
+    print(f"demo: {steps} standard steps, then {steps} more as control and as EQ-VAE (CPU, a few minutes)", flush=True)
+    base_dir = main(argparse.Namespace(**dict(base, run_dir=os.path.join(results_dir, "base"))))
+    base_ckpt = os.path.join(base_dir, "checkpoints", "latest.pt")
+    rows = {"base": base_dir}
+    for name, eq_prob in (("control", 0.0), ("eq-vae", args.eq_prob)):
+        branch_dir = os.path.join(results_dir, name)
+        os.makedirs(os.path.join(branch_dir, "checkpoints"))
+        shutil.copyfile(base_ckpt, os.path.join(branch_dir, "checkpoints", "latest.pt"))
+        branch = dict(base, eq_prob=eq_prob, eq_start=steps, max_steps=2 * steps,
+                      resume=os.path.join(branch_dir, "checkpoints", "latest.pt"))
+        rows[name] = main(argparse.Namespace(**branch))
+    x = torch.stack([data.pil_to_tensor(data.render_shape(i, args.image_size, seed=10_007)[0]) for i in range(args.num_demo_eval)])
+    table = {}
+    for name, run_dir in rows.items():
+        ae = models.load_autoencoder(os.path.join(run_dir, "checkpoints", "latest.pt")).eval()
+        table[name] = evaluate_batch(ae, x, args)
+        if name != "base":
+            save_figure2(ae, x[:6], os.path.join(results_dir, f"figure2-{name}.png"), args, scale=0.5)
+            save_figure2(ae, x[:6], os.path.join(results_dir, f"figure2-{name}-rot.png"), args, scale=1.0, k=1)
+    lines = ["", f"EQ-VAE demo ({args.num_demo_eval} held-out builtin:shapes images, {args.image_size}px)",
+             f"{'model':<10} {'rot. eq. error':>15} {'scale eq. error':>16} {'PSNR (dB)':>10}"]
+    for name, m in table.items():
+        lines.append(f"{name:<10} {m['eq_err_rot']:>15.4f} {m['eq_err_scale']:>16.4f} {m['psnr']:>10.2f}")
+    lines.append(f"figures: {results_dir}/figure2-control.png, {results_dir}/figure2-eq-vae.png "
+                 f"(columns: x, D(E(x)), tau x, D(E(tau x)), D(tau E(x)))")
+    print("\n".join(lines), flush=True)
+    utils.write_json(os.path.join(results_dir, "demo.json"), table)
+    return table
+
+
+# ----------------------------------------------------------------------------- flags
+
+PRESETS = {
+    # CPU smoke runs and tests: every loss term on (random LPIPS backbone), a few steps
+    "tiny": dict(vae="scratch:tiny", data_path="builtin:shapes:64", image_size=64, global_batch_size=4, grad_accum=1,
+                 max_steps=4, lr=1e-4, disc_start=0, disc_channels=8, disc_layers=2, lpips_random=True, num_workers=0,
+                 log_every=2, ckpt_every=2, eval_every=4, num_eval_images=4, results_dir="results"),
+    # the README demo: standard objective, then control vs EQ-VAE branches (see run_demo)
+    "demo": dict(vae="scratch:tiny", data_path="builtin:shapes:20000", image_size=32, global_batch_size=16, grad_accum=1,
+                 max_steps=600, lr=2e-4, perceptual_weight=0.0, disc_weight=0.0, lowres_prob=0.0, num_workers=0,
+                 log_every=100, ckpt_every=600, eval_every=600, num_eval_images=8, results_dir="results"),
+}
+
+
+def quarter_turns(text):
+    """'90,180,270' -> (1, 2, 3); only multiples of 90 keep image and latent grids aligned."""
+    try:
+        angles = [int(a) for a in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give angles in degrees, e.g. 90,180,270") from None
+    if not angles or any(a % 90 or not 0 < a < 360 for a in angles):
+        raise argparse.ArgumentTypeError(f"{text!r}: angles must be among 90,180,270")
+    return tuple(a // 90 for a in angles)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data and run folder
+    p.add_argument("--data-path", default=None, help="training images: a folder (recursive) or builtin:shapes[:N[:SEED]]; the paper: OpenImages")
+    p.add_argument("--val-data-path", default=None, help="held-out images for the periodic equivariance/PSNR check (default: see log)")
+    p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
+    p.add_argument("--run-dir", default=None, help="exact run folder (default: a new numbered folder under --results-dir)")
+    p.add_argument("--image-size", type=int, default=256, help="training crop side in pixels (paper: 256)")
+    p.add_argument("--crop", choices=["random", "adm", "none"], default="random",
+                   help="random: LDM training crop (short side resized, random square); adm: ADM center crop")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips (the official run: off)")
+    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
+    # model
+    p.add_argument("--vae", default="kl-f8", help="starting weights: a name (kl-f8, sd-vae-ft-ema, vq-f16-1024, ...), a path, "
+                   "or scratch:CONFIG; the paper fine-tunes LDM's kl-f8 (SD-VAE)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of --vae/--resume files you trust")
+    p.add_argument("--resume", default=None, help="continue a run exactly: a checkpoint, or a run folder (uses latest.pt)")
+    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the autoencoder weights per step; 0 disables (paper: off)")
+    # EQ-VAE objective
+    p.add_argument("--eq-mode", choices=["implicit", "explicit", "explicit-sg"], default="implicit",
+                   help="implicit: Eq. 5 (the paper); explicit: Eq. 1 + w ||tau E(x) - E(tau x)||^2 (App. A.1); explicit-sg: with sg[E(tau x)]")
+    p.add_argument("--eq-prob", type=float, default=0.5,
+                   help="probability that a step uses the equivariance objective (p_alpha of Eq. 7, paper: 0.5)")
+    p.add_argument("--eq-start", type=int, default=0, help="standard objective only before this step")
+    p.add_argument("--eq-transform", choices=models.EQ_MODES, default="rotation+scale",
+                   help="tau family (Table 5 rows): rotation, scale (isotropic), anisotropic, rotation+scale (paper default), rotation+anisotropic")
+    p.add_argument("--eq-angles", type=quarter_turns, default=(1, 2, 3),
+                   help="rotation angles in degrees, multiples of 90 (paper: 90,180,270)")
+    p.add_argument("--eq-scales", type=lambda s: tuple(float(v) for v in s.split(",")), default=None,
+                   help="discrete scale set, e.g. 0.25,0.5,0.75 (default: uniform on the 1/latent grid in [0.25, 1))")
+    p.add_argument("--interp", choices=models.INTERPOLATIONS, default="bicubic",
+                   help="resampling for tau: bicubic (paper), bilinear (official code), area, nearest")
+    p.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=False,
+                   help="antialias bilinear/bicubic downscaling (paper and official code: off)")
+    p.add_argument("--lowres-prob", type=float, default=0.25,
+                   help="on a standard step, probability of reconstructing a randomly downscaled image (official code, not the paper)")
+    p.add_argument("--explicit-weight", type=float, default=0.1, help="lambda of the explicit loss (App. A.1: 0.1)")
+    # standard objective (LDM LPIPSWithDiscriminator / taming VQLPIPSWithDiscriminator)
+    p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS-VGG weight (LDM: 1.0; 0 disables LPIPS)")
+    p.add_argument("--lpips-random", action="store_true", help="random VGG backbone for LPIPS (offline smoke runs; labelled in the log)")
+    p.add_argument("--kl-weight", type=float, default=None, help="KL weight, KL models only (LDM kl-f8: 1e-6)")
+    p.add_argument("--logvar-init", type=float, default=None, help="initial learned log-variance, KL models only (LDM: 0)")
+    p.add_argument("--codebook-weight", type=float, default=None, help="VQ loss weight, VQ models only (taming: 1.0)")
+    p.add_argument("--disc-weight", type=float, default=None, help="GAN weight times the adaptive weight (LDM kl-f8: 0.5, taming VQ: 0.8; 0 disables)")
+    p.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator switches on (EQ-VAE config: 0)")
+    p.add_argument("--disc-factor", type=float, default=1.0, help="disc_factor of LDM's loss")
+    p.add_argument("--disc-channels", type=int, default=64, help="PatchGAN base channels (LDM: 64)")
+    p.add_argument("--disc-layers", type=int, default=3, help="PatchGAN strided layers (LDM: 3)")
+    # optimisation
+    p.add_argument("--global-batch-size", type=int, default=80, help="images per step over all processes (paper: 8 GPUs x 10)")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches accumulated per step (official run: 2)")
+    p.add_argument("--base-lr", type=float, default=4.5e-6, help="lr per image of effective batch (LDM: 4.5e-6)")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --base-lr scaling)")
+    p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping of the autoencoder; 0 disables (LDM: off)")
+    p.add_argument("--epochs", type=int, default=5, help="passes over --data-path (paper: 5)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--global-seed", type=int, default=0, help="seed of data order, augmentations and tau draws")
+    # logging, checkpoints, outputs
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines (losses averaged over the interval and ranks)")
+    p.add_argument("--ckpt-every", type=int, default=10_000, help="steps between checkpoints (plus one at the end)")
+    p.add_argument("--eval-every", type=int, default=1000, help="steps between equivariance/PSNR checks and Figure 2 grids")
+    p.add_argument("--num-eval-images", type=int, default=8, help="images in the fixed held-out batch")
+    p.add_argument("--num-demo-eval", type=int, default=64, help="held-out images scored by --preset demo")
+    p.add_argument("--export-diffusers", default=None, help="also write the final KL model as a diffusers AutoencoderKL folder here")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="tiny: CPU smoke run; demo: the README demo")
+    args = p.parse_args(argv)
+    if args.preset:
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)  # flags given on the command line still win over the preset
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_demo(args) if args.preset == "demo" else main(args)
