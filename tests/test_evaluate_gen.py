@@ -1,0 +1,477 @@
+"""evaluate.py, generation metrics: our Inception against pytorch-fid's, the metrics against
+pytorch-fid and closed forms, input handling, and the real CLI in 1 and 2 processes.
+
+Run from the repo root: python -m pytest -q tests/test_evaluate_gen.py
+"""
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import evaluate as ev  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ev.load_inception("random", "cpu")
+
+
+def run_cli(args, cwd, nproc=1, env_extra=None):
+    env = {**os.environ, "EQVAE_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    env.update(env_extra or {})
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(launcher + [str(ROOT / "evaluate.py")] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------- TF1 resize
+
+
+def tf1_resize_reference(img, out_h, out_w):
+    """TensorFlow 1's legacy ResizeBilinear written out from its kernel's formula, in float32:
+    src = i * (in / out); lower = floor(src), upper = min(ceil(src), in - 1), lerp = src - floor(src);
+    top = tl + (tr - tl) * xl; bottom = bl + (br - bl) * xl; out = top + (bottom - top) * yl.
+    img: float32 (H, W, C)."""
+    H, W, _ = img.shape
+
+    def axis(n_in, n_out):
+        src = np.arange(n_out, dtype=np.float32) * (np.float32(n_in) / np.float32(n_out))
+        lower = np.floor(src).astype(np.int64)
+        upper = np.minimum(np.ceil(src).astype(np.int64), n_in - 1)
+        return lower, upper, (src - np.floor(src)).astype(np.float32)
+
+    y0, y1, yl = axis(H, out_h)
+    x0, x1, xl = axis(W, out_w)
+    out = np.empty((out_h, out_w, img.shape[2]), np.float32)
+    for i in range(out_h):
+        tl, tr, bl, br = img[y0[i], x0], img[y0[i], x1], img[y1[i], x0], img[y1[i], x1]  # (out_w, C)
+        top = tl + (tr - tl) * xl[:, None]
+        bottom = bl + (br - bl) * xl[:, None]
+        out[i] = top + (bottom - top) * yl[i]
+    return out
+
+
+@pytest.mark.parametrize("shape,size", [((256, 256), (299, 299)), ((13, 17), (29, 31)), ((320, 300), (299, 299))])
+def test_tf1_resize_is_bit_exact_against_the_formula(shape, size):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(*shape, 3)).astype(np.float32)
+    ours = ev.tf1_resize_bilinear(torch.from_numpy(img).permute(2, 0, 1)[None], size)[0].permute(1, 2, 0).numpy()
+    ref = tf1_resize_reference(img, *size)
+    assert np.array_equal(ours, ref)
+    # and it is not what F.interpolate computes (pytorch-fid's residual error)
+    torch_resize = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)
+    assert np.abs(torch_resize[0].permute(1, 2, 0).numpy() - ref).max() > 1.0
+
+
+def test_preprocess_maps_uint8_to_graph_range():
+    x = torch.tensor([0, 128, 255], dtype=torch.uint8).repeat(299 * 299 * 3 // 3 + 1)[: 299 * 299 * 3].reshape(1, 299, 299, 3)
+    y = ev.preprocess(x, "cpu")
+    assert y.shape == (1, 3, 299, 299)
+    assert y.min().item() == -1.0 and y.max().item() == 127 / 128  # (x - 128) / 128, as in the graph
+    with pytest.raises(ValueError, match="uint8"):
+        ev.preprocess(x.float(), "cpu")
+
+
+# ----------------------------------------------------------------------------- Inception vs pytorch-fid
+
+
+def test_inception_matches_pytorch_fid(model, monkeypatch):
+    pfi = pytest.importorskip("pytorch_fid.inception")
+    state = ev.random_inception_weights(0)  # what load_inception("random") loads
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: state)
+    theirs = pfi.InceptionV3([3], resize_input=False, normalize_input=False, use_fid_inception=True).eval()
+    taps = {}
+    mixed_6d = theirs.blocks[2][6]  # block 2 = Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e
+    mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: taps.__setitem__("conv", o))
+
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8))
+    x = ev.preprocess(images, "cpu")
+    ours = ev.inception_features(model, images)  # fused batch norm, channels_last
+    with torch.no_grad():
+        pool = theirs(x.contiguous())[0].flatten(1)
+
+    def close(a, b, tol=1e-5):
+        return (a - b).abs().max().item() <= tol * b.abs().max().item()
+
+    assert pool.abs().max() > 0.1  # random weights still give non-trivial features
+    assert close(ours["pool"], pool)
+    spatial = taps["conv"][:, : ev.SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(3, -1)  # TF's HWC order
+    assert ours["spatial"].shape == (3, 2023) and close(ours["spatial"], spatial)
+    assert close(ours["logits"], pool @ state["fc.weight"].t())  # no bias, as ADM's IS
+    assert not close(ours["logits"], pool @ state["fc.weight"].t() + state["fc.bias"])
+
+
+def test_load_inception_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="random"):
+        ev.load_inception(str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(RuntimeError, match="not pytorch-fid's Inception weights"):
+        ev.load_inception(str(bad))
+    with pytest.raises(ValueError, match="CUDA"):
+        ev.load_inception("random", "cpu", precision="tf32")
+    # no network: the error names the URL, where to put the file, and the offline flag
+    monkeypatch.setenv("EQVAE_CACHE", str(tmp_path / "cache"))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError) as err:
+        ev.load_inception(ev.INCEPTION_WEIGHTS)
+    msg = str(err.value)
+    assert ev.INCEPTION_URL in msg and str(tmp_path / "cache" / ev.INCEPTION_WEIGHTS) in msg and "random" in msg
+
+
+def test_weights_file_round_trip(tmp_path, model):
+    """A weights file in pytorch-fid's format (without num_batches_tracked, as old saves) loads, with
+    each batch norm folded into its conv."""
+    state = {k: v for k, v in ev.random_inception_weights(3).items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "pt_inception.pth"
+    torch.save(state, path)
+    a = ev.load_inception(str(path))
+    assert a.info["comparable"] and a.info["id"].startswith("pt_inception.pth:")
+    assert torch.equal(a.fc.weight, state["fc.weight"]) and not torch.equal(model.fc.weight, state["fc.weight"])
+    conv = a.Mixed_6d.branch1x1.conv
+    scale = state["Mixed_6d.branch1x1.bn.weight"] / torch.sqrt(state["Mixed_6d.branch1x1.bn.running_var"] + 1e-3)
+    torch.testing.assert_close(conv.weight, state["Mixed_6d.branch1x1.conv.weight"] * scale[:, None, None, None])
+    torch.testing.assert_close(conv.bias, state["Mixed_6d.branch1x1.bn.bias"] - state["Mixed_6d.branch1x1.bn.running_mean"] * scale)
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+
+def random_stats(rng, n, d):
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+    return ev.compute_statistics(x)
+
+
+def test_fid_matches_pytorch_fid():
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    rng = np.random.default_rng(0)
+    (mu1, s1), (mu2, s2) = random_stats(rng, 200, 24), random_stats(rng, 150, 24)
+    try:  # pytorch-fid passes sqrtm(disp=False): deprecated in SciPy 1.16, removed in 1.18
+        with pytest.warns(DeprecationWarning) if _scipy_warns_disp() else _nothing():
+            theirs = fid_score.calculate_frechet_distance(mu1, s1, mu2, s2)
+    except TypeError as e:
+        pytest.skip(f"pytorch-fid's calculate_frechet_distance fails with this SciPy: {e}")
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(theirs, rel=1e-12)
+    assert ev.frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(theirs, rel=1e-9)
+
+
+def _scipy_warns_disp():
+    import warnings
+
+    from scipy import linalg
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        try:
+            linalg.sqrtm(np.eye(2), disp=False)
+        except TypeError:
+            return False
+    return any(issubclass(x.category, DeprecationWarning) for x in w)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_fid_eigh_path_on_rank_deficient_statistics():
+    """Fewer images than dimensions (the tiny CLI runs): the eigh path drops round-off eigenvalues
+    and stays within scipy's own accuracy on singular products."""
+    rng = np.random.default_rng(11)
+    (mu1, s1), (mu2, s2) = random_stats(rng, 10, 64), random_stats(rng, 12, 64)
+    assert np.linalg.matrix_rank(s1) == 9
+    assert ev.frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(ev.frechet_distance(mu1, s1, mu2, s2), rel=1e-5)
+
+
+def test_fid_of_gaussians_closed_form():
+    """Covariances that share eigenvectors Q: FID = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2."""
+    rng = np.random.default_rng(1)
+    d = 40
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    a, b = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    s1, s2 = (q * a) @ q.T, (q * b) @ q.T
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert ev.frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(expected, rel=1e-9)
+    # from samples of the two Gaussians, the estimate converges to the closed form
+    x1 = rng.normal(size=(20000, d)) * np.sqrt(a) @ q.T + mu1
+    x2 = rng.normal(size=(20000, d)) * np.sqrt(b) @ q.T + mu2
+    assert ev.frechet_distance(*ev.compute_statistics(x1), *ev.compute_statistics(x2)) == pytest.approx(expected, rel=0.05)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    rng = np.random.default_rng(2)
+    mu, sigma = random_stats(rng, 300, 32)
+    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    assert abs(ev.frechet_distance(mu, sigma, mu, sigma, method="eigh")) < 1e-8
+    with pytest.raises(ValueError, match="different dimensions"):
+        ev.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+
+
+def test_fid_retries_with_eps_and_checks_the_imaginary_part(monkeypatch):
+    """ADM's fallbacks: a non-finite sqrtm is retried with eps on both diagonals (with a warning);
+    a complex result passes only if its diagonal's imaginary part is within 1e-3 of 0."""
+    rng = np.random.default_rng(10)
+    (mu1, s1), (mu2, s2) = random_stats(rng, 100, 6), random_stats(rng, 100, 6)
+    real_sqrtm, calls = ev.linalg.sqrtm, []
+
+    def first_call_fails(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(ev.linalg, "sqrtm", first_call_fails)
+    with pytest.warns(UserWarning, match="adding 1e-06"):
+        fid = ev.frechet_distance(mu1, s1, mu2, s2)
+    np.testing.assert_allclose(calls[1], (s1 + 1e-6 * np.eye(6)) @ (s2 + 1e-6 * np.eye(6)))
+    assert fid == pytest.approx(ev.frechet_distance(mu1, s1, mu2, s2, method="eigh"), rel=1e-6)
+    monkeypatch.setattr(ev.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-4j)  # small imaginary part: accepted
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(fid, rel=1e-6)
+    monkeypatch.setattr(ev.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1e-2j)
+    with pytest.raises(ValueError, match="imaginary component"):
+        ev.frechet_distance(mu1, s1, mu2, s2)
+
+
+def test_running_stats_equal_np_cov():
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 3.0, size=(101, 17)).astype(np.float32)
+    acc = ev.RunningStats(17, "cpu")
+    for i in range(0, 101, 8):
+        acc.update(torch.from_numpy(x[i : i + 8]))
+    mu, sigma = acc.finalize()
+    mu_ref, sigma_ref = ev.compute_statistics(x)
+    np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
+    np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+
+def test_inception_score_limits():
+    C = 10
+    confident = np.eye(C)[np.arange(50) % C]  # one-hot, every class equally often
+    assert ev.inception_score(confident) == pytest.approx(C, rel=1e-12)
+    identical = np.tile(np.random.default_rng(0).dirichlet(np.ones(C)), (50, 1))
+    assert ev.inception_score(identical) == pytest.approx(1.0, rel=1e-12)
+    # consecutive splits, averaged: one split scores C, the other 1
+    assert ev.inception_score(np.concatenate([confident[:10], identical[:10]]), split_size=10) == pytest.approx((C + 1) / 2)
+
+
+def test_inception_probs_use_weights_without_bias():
+    rng = np.random.default_rng(4)
+    pool, w = rng.normal(size=(5, 8)), rng.normal(size=(3, 8))
+    p = ev.inception_probs(pool, w)
+    logits = pool @ w.T
+    np.testing.assert_allclose(p, np.exp(logits) / np.exp(logits).sum(1, keepdims=True), rtol=1e-5)
+    assert p.dtype == np.float64 and np.allclose(p.sum(1), 1, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def brute_force_pr(ref, sample, k):
+    d = lambda a, b: ((a[:, None, :].astype(np.float64) - b[None].astype(np.float64)) ** 2).sum(-1)  # noqa: E731
+    r_ref, r_sample = np.sort(d(ref, ref), 1)[:, k], np.sort(d(sample, sample), 1)[:, k]
+    d_rs = d(ref, sample)
+    return (d_rs <= r_ref[:, None]).any(0).mean(), (d_rs <= r_sample[None]).any(1).mean()
+
+
+def test_precision_recall_of_a_set_with_itself_and_far_clusters():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(20, 2048)).astype(np.float32)
+    assert ev.precision_recall(x, x) == (1.0, 1.0)
+    far = x[:10] + 100.0  # float16 squared norms overflow here: exercises ADM's float32 fallback
+    assert ev.precision_recall(x[10:], far) == (0.0, 0.0)
+
+
+def test_precision_recall_hand_checked():
+    """k=1 on a line. Reference {0, 1, 3}: squared radii {1, 1, 4}. Samples {0.5, 0.75, 6}: squared
+    radii {0.0625, 0.0625, 27.5625}. Precision: 0.5 (0.25 <= 1 from 0) and 0.75 yes, 6 no (9 > 4 from 3)
+    -> 2/3. Recall: 0 no (0.25 > 0.0625 from 0.5, 36 > 27.5625 from 6); 1 yes, exactly on the sphere of
+    0.75 (0.0625 <= 0.0625); 3 yes (9 <= 27.5625 from 6) -> 2/3."""
+    ref = np.array([[0.0], [1.0], [3.0]], np.float32)
+    sample = np.array([[0.5], [0.75], [6.0]], np.float32)
+    for fp16 in (True, False):
+        p, r = ev.precision_recall(ref, sample, k=1, fp16_distances=fp16)
+        assert (p, r) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+
+
+def test_precision_recall_blocks_match_brute_force():
+    rng = np.random.default_rng(6)
+    ref = rng.normal(size=(23, 5)).astype(np.float32)
+    sample = (rng.normal(size=(17, 5)) * 1.5 + 0.5).astype(np.float32)
+    expected = brute_force_pr(ref, sample, 3)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # a case where both can be wrong
+    assert ev.precision_recall(ref, sample, block_size=4, fp16_distances=False) == pytest.approx(expected)
+    # float16 distances (ADM's default) agree with their own unblocked computation
+    assert ev.precision_recall(ref, sample, block_size=4) == ev.precision_recall(ref, sample, block_size=1000)
+    with pytest.raises(ValueError, match="at least 4"):
+        ev.precision_recall(ref[:3], sample)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, size=(5, 9, 11, 3), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", arr_0=images, arr_1=np.arange(5))
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=images)
+    np.savez(tmp_path / "later.npz", mu=np.zeros(7), arr_0=images)  # arr_0 not the first member
+    plain, packed = ev.open_images(str(tmp_path / "plain.npz")), ev.open_images(str(tmp_path / "packed.npz"))
+    later = ev.open_images(str(tmp_path / "later.npz"))
+    assert plain.offset is not None and later.offset is not None and packed.offset is None  # memory-mapped vs loaded
+    for ds in (plain, packed, later):
+        assert len(ds) == 5 and ds.image_size == (9, 11)
+        assert np.array_equal(np.stack([ds[i] for i in range(5)]), images)
+    # a DataLoader worker gets a picklable copy without the open memmap
+    loader = torch.utils.data.DataLoader(plain, batch_size=2, num_workers=1, collate_fn=ev._stack)
+    assert np.array_equal(torch.cat(list(loader)).numpy(), images)
+
+
+def test_bad_inputs_are_refused_with_a_clear_message(tmp_path):
+    rng = np.random.default_rng(8)
+    cases = {
+        "float.npz": (rng.uniform(-1, 1, size=(4, 8, 8, 3)).astype(np.float32), r"float32.*uint8.*127\.5"),
+        "nchw.npz": (rng.integers(0, 256, size=(4, 3, 8, 8), dtype=np.uint8), r"NCHW.*transpose\(0, 2, 3, 1\)"),
+        "unit.npz": (rng.integers(0, 2, size=(4, 8, 8, 3), dtype=np.uint8), r"\[0, 1\]"),
+        "gray.npz": (rng.integers(0, 256, size=(4, 8, 8), dtype=np.uint8), r"\(N, H, W, 3\)"),
+    }
+    for name, (arr, pattern) in cases.items():
+        np.savez(tmp_path / name, arr_0=arr)
+        with pytest.raises(ev.InputError, match=pattern):
+            ev.open_images(str(tmp_path / name))
+    np.savez(tmp_path / "nokey.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ev.InputError, match="no `arr_0`"):
+        ev.open_images(str(tmp_path / "nokey.npz"))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "a.png")
+    Image.new("RGB", (16, 12)).save(folder / "b.png")
+    with pytest.raises(ev.InputError, match=r"a\.png is 16x16 but .*b\.png is 16x12"):
+        ev.open_images(str(folder))
+    with pytest.raises(ev.InputError, match="does not exist"):
+        ev.open_images(str(tmp_path / "nowhere.npz"))
+    with pytest.raises(ev.InputError, match="at least 2"):
+        ev._few_images_note(1, "sample x")
+    assert "NOT comparable" in ev._few_images_note(100, "sample x")
+
+
+def test_extract_features_keeps_masked_rows_and_exact_stats(model):
+    images = ev.open_images("builtin:shapes:4", image_size=32)
+    batch = np.stack([images[i] for i in range(4)])
+    direct = ev.inception_features(model, batch)
+    mask = np.array([1, 0, 1, 1], bool)
+    features, stats = ev.extract_features(model, images, batch_size=3, num_workers=0, keep=("pool", "logits"),
+                                          stats=("spatial",), keep_mask=mask)
+    assert features["pool"].shape == (3, 2048) and features["logits"].shape == (3, 1008)
+    np.testing.assert_allclose(features["pool"], direct["pool"][torch.from_numpy(mask)].numpy(), rtol=1e-5, atol=1e-4)
+    mu, sigma = ev.compute_statistics(direct["spatial"].numpy())
+    np.testing.assert_allclose(stats["spatial"][0], mu, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["spatial"][1], sigma, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the CLI, 1 and 2 processes
+
+
+N_CLI = 8  # images in the CLI tests' reference and sample batches
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """ref from builtin:shapes; a sample batch half shapes (another seed), half noise; gen once
+    single-process and once with torchrun --nproc_per_node=2."""
+    tmp = tmp_path_factory.mktemp("evaluate_cli")
+    ref = run_cli(["ref", "--data-path", f"builtin:shapes:{N_CLI}", "--image-size", "32", "--out", "ref.npz",
+                   "--inception-weights", "random", "--preset", "tiny"], tmp)
+    assert ref.returncode == 0, ref.stderr
+    shapes = ev.open_images(f"builtin:shapes:{N_CLI // 2}:1", image_size=32)
+    noise = np.random.default_rng(9).integers(0, 256, size=(N_CLI // 2, 32, 32, 3), dtype=np.uint8)
+    sample = np.concatenate([np.stack([shapes[i] for i in range(N_CLI // 2)]), noise])
+    np.savez(tmp / "sample.npz", arr_0=sample, arr_1=np.zeros(N_CLI, np.int64))
+    common = ["gen", "--ref", "ref.npz", "--sample", "sample.npz", "--inception-weights", "random", "--preset", "tiny", "--sqrtm", "eigh"]
+    single = run_cli(common + ["--out", "single.json"], tmp)
+    assert single.returncode == 0, single.stderr
+    multi = run_cli(common + ["--out", "multi.json"], tmp, nproc=2)
+    assert multi.returncode == 0, multi.stderr
+    return tmp, ref, single, multi
+
+
+def test_cli_ref_writes_an_adm_reference_batch(cli_run, model):
+    tmp, ref, _, _ = cli_run
+    assert "not comparable to anything" in ref.stdout
+    with np.load(tmp / "ref.npz") as f:
+        assert set(f.files) == {"arr_0", "arr_1", "mu", "sigma", "mu_s", "sigma_s"}
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (N_CLI, 32, 32, 3)
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
+        assert f["mu_s"].shape == (2023,) and f["sigma_s"].shape == (2023, 2023)
+        images = ev.open_images(f"builtin:shapes:{N_CLI}", image_size=32)
+        direct = np.stack([images[i] for i in range(N_CLI)])
+        assert np.array_equal(f["arr_0"], direct)  # the ADM crop's uint8 pixels, unchanged
+        feats = ev.inception_features(model, direct)
+        mu, sigma = ev.compute_statistics(feats["pool"].numpy())
+        np.testing.assert_allclose(f["mu"], mu, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(f["sigma"], sigma, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(f["mu_s"], feats["spatial"].numpy().mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_gen_single_and_torchrun_agree(cli_run):
+    tmp, _, single, multi = cli_run
+    a, b = json.loads((tmp / "single.json").read_text()), json.loads((tmp / "multi.json").read_text())
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    for key in ("fid", "sfid", "is"):
+        assert np.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=1e-5)
+    assert a["fid"] > 0 and a["is"] >= 1.0
+    assert (a["precision"], a["recall"]) == (b["precision"], b["recall"])
+    assert a["recall"] < 1.0  # with so few points, k=3 radii are wide: only recall drops here
+    assert a["num_images"] == N_CLI and a["num_ref_images"] == N_CLI
+    assert a["inception_weights"] == "random" and a["comparable_with_papers"] is False
+    assert "not comparable to anything" in single.stdout and "FID" in single.stdout
+    assert any("fewer than 2048" in n for n in a["notes"])
+    # the reference's features come from the cache that `ref` seeded
+    assert a["ref_feature_cache"] and Path(tmp / a["ref_feature_cache"]).is_file()
+
+
+def test_reference_cache_matches_fresh_features(cli_run, model):
+    tmp, *_ = cli_run
+    cached = ev.reference_batch(str(tmp / "ref.npz"), model, batch_size=8, num_workers=0)
+    fresh = ev.reference_batch(str(tmp / "ref.npz"), model, batch_size=5, num_workers=0, use_cache=False)
+    assert cached["cache"] and fresh["cache"] is None and cached["stats_from"] == "file"
+    np.testing.assert_allclose(cached["pool"], fresh["pool"], rtol=1e-5, atol=1e-4)
+
+
+def test_folder_sample_equals_npz_sample_and_cli(cli_run, model):
+    tmp, *_ = cli_run
+    with np.load(tmp / "sample.npz") as f:
+        arr = f["arr_0"]
+    folder = tmp / "sample_png"
+    folder.mkdir(exist_ok=True)
+    for i, img in enumerate(arr):
+        Image.fromarray(img).save(folder / f"{i:06d}.png")
+    from_png, _ = ev.evaluate_generation(model, str(tmp / "ref.npz"), str(folder), batch_size=8, num_workers=0, sqrtm="eigh")
+    from_npz = json.loads((tmp / "single.json").read_text())  # the CLI on sample.npz
+    for key in ("fid", "sfid", "is", "precision", "recall"):
+        assert from_png[key] == pytest.approx(from_npz[key], rel=1e-5)
+
+
+def test_cli_refuses_too_few_images(tmp_path):
+    np.savez(tmp_path / "one.npz", arr_0=np.full((1, 8, 8, 3), 100, np.uint8))
+    r = run_cli(["gen", "--ref", "one.npz", "--sample", "one.npz", "--inception-weights", "random"], tmp_path)
+    assert r.returncode == 2 and "at least 2" in r.stderr and "Traceback" not in r.stderr
