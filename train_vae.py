@@ -160,17 +160,18 @@ def save_figure2(ae, x, path, args, scale=0.5, k=0):
     ae.train()
 
 
-def held_out_batch(args):
-    """Fixed evaluation images: --val-data-path, or a builtin:shapes seed the training set does
-    not use, or else the first images of the training folder (said in the log)."""
+def held_out_batch(args, dataset):
+    """Fixed evaluation images (ADM center crop): --val-data-path, or a builtin:shapes seed the
+    training set does not use, or else the first images of the training folder."""
     if args.val_data_path:
-        ds = data.make_dataset(args.val_data_path, args.image_size, crop="adm")
+        dataset = data.make_dataset(args.val_data_path, args.image_size, crop="adm")
     elif args.data_path.startswith("builtin:"):
-        ds = data.make_dataset(f"builtin:shapes:{args.num_eval_images}:{10_000 + data.parse_builtin(args.data_path)[1]}", args.image_size)
+        seed = 10_000 + data.parse_builtin(args.data_path)[1]
+        dataset = data.make_dataset(f"builtin:shapes:{args.num_eval_images}:{seed}", args.image_size)
     else:
-        ds = data.make_dataset(args.data_path, args.image_size, crop="adm")
-    n = min(args.num_eval_images, len(ds))
-    return torch.stack([ds[i][0] for i in range(n)])
+        paths = [p for p, _ in dataset.samples[: args.num_eval_images]]
+        return torch.stack([data.preprocess(data.load_rgb(p), args.image_size, crop="adm") for p in paths])
+    return torch.stack([dataset[i][0] for i in range(min(args.num_eval_images, len(dataset)))])
 
 
 # ----------------------------------------------------------------------------- main
@@ -186,6 +187,8 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_flush_denormal(True)  # subnormal floats slow CPU kernels down by orders of magnitude
 
     # models first, so a bad checkpoint or data path fails before anything is written. A resumed
     # run rebuilds the architecture from its checkpoint; otherwise --vae gives the starting weights.
@@ -219,7 +222,7 @@ def main(args):
     try:
         dataset = data.make_dataset(args.data_path, args.image_size, crop=args.crop, flip=args.flip, class_folders=False,
                                     min_size=args.image_size if args.crop != "none" else None, seed=args.global_seed)
-        eval_x = held_out_batch(args)
+        eval_x = held_out_batch(args, dataset)
     except (OSError, ValueError, RuntimeError) as e:
         utils.fail(str(e))
     if args.image_size % ae.downsample_factor:
@@ -382,10 +385,12 @@ def main(args):
                 step_terms["eq_steps"] = step_terms.get("eq_steps", 0.0) + float(step_kind == "eq") / args.grad_accum
             # NaN/inf check and stop request in one small all-reduce per step (the loss lives on the
             # device, so this is the step's only host sync; a bad step is never applied or saved)
-            flags = torch.tensor([float(not torch.isfinite(step_terms["loss"]).item()), float(stop["requested"])], device=device)
+            finite = torch.isfinite(torch.stack([step_terms["loss"], step_terms.get("d", step_terms["loss"])])).all()
+            flags = torch.stack([(~finite).float(), torch.tensor(float(stop["requested"]), device=device)])
             if world_size > 1:
                 dist.all_reduce(flags)
-            if flags[0] > 0:
+            nonfinite, stop_now = flags.tolist()
+            if nonfinite:
                 logger.info(f"non-finite loss at step {step}: stopping without applying it; the last good "
                             f"checkpoint in {ckpt_dir} is kept. Lower the lr or use --precision fp32, then --resume.")
                 logger.close()
@@ -437,7 +442,7 @@ def main(args):
                         os.remove(tmp)
                     os.link(os.path.join(ckpt_dir, f"{step:07d}.pt"), tmp)
                     os.replace(tmp, os.path.join(ckpt_dir, "latest.pt"))
-            if flags[1] > 0:
+            if stop_now:
                 save("latest.pt")
                 logger.info(f"stop requested (SIGTERM/SIGINT): saved {ckpt_dir}/latest.pt at step {step}; "
                             f"continue with --resume {ckpt_dir}/latest.pt")

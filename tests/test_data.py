@@ -91,3 +91,25 @@ def test_builtin_shapes_is_deterministic():
     assert data.make_dataset("builtin:shapes", 24)[7][0].shape == (3, 24, 24)
     with pytest.raises(ValueError, match="builtin:shapes"):
         data.make_dataset("builtin:circles", 32)
+
+
+def test_epoch_indices_shard_one_permutation():
+    shards = [data.epoch_indices(103, epoch=2, seed=5, rank=r, world_size=4) for r in range(4)]
+    assert all(len(s) == 25 for s in shards)  # 103 - 3 dropped, 25 each
+    merged = sorted(i for s in shards for i in s)
+    assert len(set(merged)) == 100 and set(merged) <= set(range(103))
+    assert data.epoch_indices(103, 2, 5, 1, 4) == shards[1]  # deterministic
+    assert data.epoch_indices(103, 3, 5, 1, 4) != shards[1]  # a new order each epoch
+    assert data.epoch_indices(10, 0, 0, shuffle=False) == list(range(10))
+
+
+def test_random_crops_depend_only_on_seed_epoch_index(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    ds = data.ImageFolderDataset(str(tmp_path), 32, crop="random", flip=True, class_folders=False, seed=1)
+    first = ds[0][0]
+    assert torch.equal(first, ds[0][0])  # same epoch: same crop, whatever else drew random numbers
+    crops = set()
+    for epoch in range(8):
+        ds.epoch = epoch
+        crops.add(ds[0][0].sum().item())
+    assert len(crops) > 1

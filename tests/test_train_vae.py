@@ -240,3 +240,23 @@ def test_bad_input_fails_before_training(tmp_path):
         train_vae.check_args(train_vae.parse_args(["--preset", "tiny", "--global-batch-size", "3"]), world_size=2)
     with pytest.raises(SystemExit):
         train_vae.parse_args(["--preset", "tiny", "--eq-angles", "45"])
+
+
+def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):
+    """Starting weights that carry LDM's `loss.*` entries bring their discriminator and logvar."""
+    torch.manual_seed(0)
+    disc = models.NLayerDiscriminator(ndf=8, n_layers=2)
+    extras = {f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()}
+    extras["loss.logvar"] = torch.tensor(0.7)
+    models.save_autoencoder(models.build_autoencoder(models.AE_configs["tiny"]), tmp_path / "start.pt", extras=extras)
+    run = tmp_path / "run"
+    out = run_cli(["--preset", "tiny", "--vae", str(tmp_path / "start.pt"), "--max-steps", "1", "--lr", "0",
+                   "--run-dir", str(run)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (run / "log.txt").read_text()
+    assert "restored the pretrained discriminator" in log and "restored the pretrained logvar 0.7000" in log
+    ckpt = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
+    assert torch.equal(ckpt["discriminator"]["main.0.weight"], disc.state_dict()["main.0.weight"])
+    assert ckpt["logvar"].item() == pytest.approx(0.7)
+    out = run_cli(["--preset", "tiny", "--max-steps", "1", "--run-dir", str(tmp_path / "fresh")])
+    assert "carries no discriminator: training a fresh one" in (tmp_path / "fresh" / "log.txt").read_text()
