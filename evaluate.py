@@ -1,22 +1,30 @@
-"""Every metric the paper reports. This part: the ADM-protocol generation metrics in PyTorch.
+"""Every metric the paper reports: generation metrics (ADM protocol) and autoencoder analysis.
 
-The paper scores generators with guided-diffusion's `evaluations/evaluator.py` (ADM): FID, sFID,
-Inception Score, precision and recall of 50k samples against a reference batch. That suite needs
-TensorFlow 1 graphs; this file computes the same numbers with the same Inception in PyTorch.
+Generators (`gen`, `ref`): the paper scores them with guided-diffusion's `evaluations/evaluator.py`
+(ADM): FID, sFID, Inception Score, precision and recall of 50k samples against a reference batch.
+That suite needs TensorFlow 1 graphs; this file computes the same numbers with the same Inception
+in PyTorch. Autoencoders (`recon`, `equiv`, `id`, `figures`), any number side by side: rFID, PSNR,
+SSIM, LPIPS (Tables 1, 12), rFID under latent transforms (Figure 3), the equivariance error of
+App. C.3 (Table 1), the intrinsic dimension of the latents (Table 5), Figures 1 (left) and 2.
 
-CPU tiny smoke (random Inception weights: the numbers mean nothing, the run says so):
+CPU tiny smoke (random Inception/LPIPS weights: the numbers mean nothing, the run says so):
     python evaluate.py ref --data-path builtin:shapes:32 --image-size 64 --out ref.npz --inception-weights random --preset tiny
     python evaluate.py gen --ref ref.npz --sample builtin:shapes:32:1 --image-size 64 --inception-weights random --preset tiny
+    python evaluate.py recon --vae scratch:tiny --vae scratch:tiny-vq --data-path builtin:shapes:8 --image-size 64 --inception-weights random --lpips-random --preset tiny
 One GPU (ADM's ImageNet 256 reference batch `VIRTUAL_imagenet256_labeled.npz`, 50k samples from sample.py):
     python evaluate.py gen --ref VIRTUAL_imagenet256_labeled.npz --sample samples/DiT-XL-2-50000.npz
-torchrun (the Inception passes are split across processes; rank 0 computes the metrics):
+    python evaluate.py equiv --vae sd-vae-ft-ema --vae eq-vae --data-path imagenet/val
+torchrun (the Inception and autoencoder passes are split across processes; rank 0 computes the metrics):
     torchrun --nproc_per_node=8 evaluate.py gen --ref VIRTUAL_imagenet256_labeled.npz --sample samples/DiT-XL-2-50000.npz
+    torchrun --nproc_per_node=8 evaluate.py recon --vae sd-vae-ft-ema --vae eq-vae --data-path imagenet/val --latent-transform
 
-Rooms: Inception-v3 of the FID literature; input pipeline (TF1 resize); image sources (ADM .npz,
-folders, builtin:shapes); distributed feature extraction; metrics (Frechet distance, IS, precision
-and recall); reference batches and their feature cache; subcommands; parser.
+Rooms: Inception-v3 of the FID literature; input pipeline (TF1 resize, pytorch-fid's resize); image
+sources (ADM .npz, folders, builtin:shapes); distributed feature extraction; metrics (Frechet
+distance, IS, precision and recall); reference batches and their feature cache; reconstruction
+metrics (PSNR, SSIM, LPIPS); intrinsic dimension; autoencoder analysis (data, latents, figures);
+subcommands; parser.
 
-Conventions that change the numbers (all as ADM's evaluator, unless said):
+Conventions that change the generation numbers (all as ADM's evaluator, unless said):
 - uint8 NHWC images go in; TF1's bilinear resize to 299 (no half-pixel centres, no antialiasing),
   then (x - 128) / 128. F.interpolate (pytorch-fid) samples 0.5 * (1 - in/out) pixels away from
   TF1 (0.07 px for 256 -> 299), which is pytorch-fid's residual error against TensorFlow's FID.
@@ -29,6 +37,8 @@ Conventions that change the numbers (all as ADM's evaluator, unless said):
 - A reference batch's `mu`, `sigma`, `mu_s`, `sigma_s` (full training-set statistics) are used as-is.
 Deviations: mean and covariance are accumulated in float64 (ADM: float32 mean) and the softmax in
 float64; 0 log 0 counts as 0 in IS (ADM would return NaN on an exactly-zero float32 probability).
+The autoencoder conventions (our protocol and --protocol eqvae) are in `reconstruction_metrics`,
+`AEImages` and the README.
 """
 import argparse
 import contextlib
@@ -47,11 +57,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import linalg
 from scipy.special import xlogy
 from tqdm import tqdm
 
+import models
 from data import list_images, load_rgb, make_dataset
 from utils import cleanup, download, fail, is_main, load_checkpoint, print0, setup_distributed, write_json
 
@@ -368,7 +379,11 @@ def load_inception(spec=INCEPTION_WEIGHTS, device="cpu", precision="fp32"):
             f"{info['weights']} is not pytorch-fid's Inception weights file ({INCEPTION_WEIGHTS}): {str(e)[:600]}"
         ) from None
     model.float().fuse_batchnorm().eval().requires_grad_(False)
-    model = model.to(device, memory_format=torch.channels_last)  # ~1.4x faster on CPU (oneDNN); cuDNN's layout too
+    # channels_last: ~1.4x faster on CPU (oneDNN) and for cuDNN's tf32/bf16 kernels; for true fp32 on
+    # an H200, NCHW was 1.26x faster (bench.py, 2026-11-28), so CUDA fp32 stays NCHW
+    fp32_cuda = torch.device(device).type == "cuda" and precision == "fp32"
+    model.memory_format = torch.contiguous_format if fp32_cuda else torch.channels_last
+    model = model.to(device, memory_format=model.memory_format)
     model.precision, model.info = precision, info
     return model
 
@@ -417,6 +432,22 @@ def preprocess(images, device):
     return x.contiguous(memory_format=torch.channels_last)  # no copy: already NHWC in memory
 
 
+def preprocess_pytorch_fid(images, device):
+    """uint8 (N, H, W, 3) -> pytorch-fid's input (the official EQ-VAE eval computes rFID with it):
+    x / 255 (ToTensor on the saved PNGs), F.interpolate bilinear to 299 (align_corners=False, no
+    antialiasing; applied even at 299, where it is the identity), then 2x - 1. Same network, other
+    resize and scaling than ADM's graph (see `preprocess`)."""
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+    return (2 * x - 1).contiguous(memory_format=torch.channels_last)
+
+
+FID_PIPELINES = {"adm": preprocess, "pytorch-fid": preprocess_pytorch_fid}
+
+
 @contextlib.contextmanager
 def _precision_context(precision, device):
     """fp32: TF32 off for convs and matmuls (PyTorch enables it for cuDNN convs by default); tf32: on;
@@ -437,11 +468,12 @@ def _precision_context(precision, device):
 
 
 @torch.inference_mode()
-def inception_features(model, images):
+def inception_features(model, images, pipeline="adm"):
     """Features of one batch of uint8 (N, H, W, 3) images: {"pool", "spatial", "logits"} as float32
-    tensors on the model's device (see FIDInceptionV3)."""
+    tensors on the model's device (see FIDInceptionV3). pipeline: "adm" (`preprocess`, every metric
+    of this file by default) or "pytorch-fid" (`preprocess_pytorch_fid`, for --protocol eqvae)."""
     device = next(model.parameters()).device
-    x = preprocess(images, device)
+    x = FID_PIPELINES[pipeline](images, device).contiguous(memory_format=getattr(model, "memory_format", torch.channels_last))
     with _precision_context(getattr(model, "precision", "fp32"), device):
         out = model(x)
     return {k: v.float() for k, v in out.items()}
@@ -760,6 +792,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="scipy"):
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def frechet_distance_from_features(features1, features2):
+    """The Frechet distance of two feature sets (N, D) with few rows (N <= D), without D x D matrices.
+
+    With A the centred features / sqrt(N - 1), sigma = A^T A; the nonzero eigenvalues of
+    sigma1 sigma2 = A1^T (A1 A2^T) A2 are those of M M^T with M = A1 A2^T, so tr sqrt(sigma1 sigma2)
+    is the sum of M's singular values, and tr sigma = |A|^2. Exactly the FID of the covariances
+    (np.cov semantics), to round-off, in float64."""
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    if len(f1) < 2 or len(f2) < 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"need two (N >= 2, D) feature sets of one dimension, got {f1.shape} and {f2.shape}")
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    a1, a2 = (f1 - mu1) / math.sqrt(len(f1) - 1), (f2 - mu2) / math.sqrt(len(f2) - 1)
+    tr_covmean = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + (a1 * a1).sum() + (a2 * a2).sum() - 2 * tr_covmean)
+
+
 def inception_probs(pool, fc_weight, device=None):
     """ADM's IS input: softmax(pool @ W^T) of the pool features, W the (1008, 2048) logits matrix,
     no bias. The product in float32 (as the graph's MatMul; 50k x 2048 x 1008 in float64 would take
@@ -941,6 +990,322 @@ def reference_batch(path, model, batch_size=64, num_workers=4, image_size=None, 
     return out
 
 
+# ----------------------------------------------------------------------------- reconstruction metrics (PSNR, SSIM, LPIPS)
+# Table 12 (App. C.2). Every metric is computed per image, then averaged over images.
+
+AE_PROTOCOLS = ("ours", "eqvae")
+SSIM_SIGMA = 1.5  # Wang et al. 2004: Gaussian window with sigma 1.5 ...
+SSIM_TRUNCATE = 3.5  # ... cut at radius int(3.5 * 1.5 + 0.5) = 5: 11x11 (skimage's and torchmetrics' rule)
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+LPIPS_RANDOM_WARNING = ("random LPIPS-VGG backbone (--lpips-random): the LPIPS values are not comparable to anything; "
+                        "use them only to check that the pipeline runs")
+
+
+def ssim_window(sigma=SSIM_SIGMA, truncate=SSIM_TRUNCATE, device=None):
+    """The normalised 1-D Gaussian of the SSIM window, float64; the 2-D window is its outer product."""
+    radius = int(truncate * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    return w / w.sum()
+
+
+def ssim(x, y, data_range=1.0):
+    """Per-image SSIM (Wang et al. 2004) of (N, C, H, W) images: 11x11 Gaussian window (sigma 1.5),
+    K1 = 0.01, K2 = 0.03, population (not sample) variances, averaged over the pixels where the whole
+    window lies inside the image and over channels. That region is the one skimage's
+    structural_similarity averages (it filters with reflection, then crops (11 - 1) // 2 = 5 pixels
+    per border) and the one torchmetrics averaged before 1.5 (its PR #2721 averages over the
+    reflected border too). data_range: a float or an (N,) tensor. Float64 throughout; returns (N,)."""
+    x, y = x.double(), y.double()
+    N, C, H, W = x.shape
+    w = ssim_window(device=x.device)
+    k = len(w)
+    if H < k or W < k:
+        raise ValueError(f"SSIM needs images of at least {k}x{k} pixels, got {H}x{W}")
+
+    def blur(t):  # separable 'valid' Gaussian filter of every channel
+        t = t.reshape(-1, 1, H, W)
+        return F.conv2d(F.conv2d(t, w.view(1, 1, k, 1)), w.view(1, 1, 1, k))
+
+    mx, my, xx, yy, xy = blur(torch.cat([x, y, x * x, y * y, x * y])).reshape(5, N, C, H - k + 1, W - k + 1)
+    vx, vy, cxy = xx - mx * mx, yy - my * my, xy - mx * my
+    R = torch.as_tensor(data_range, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
+    c1, c2 = (SSIM_K1 * R) ** 2, (SSIM_K2 * R) ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def reconstruction_metrics(x, rec, protocol="ours", lpips_net=None):
+    """Per-image PSNR (dB), SSIM and LPIPS of reconstructions `rec` against originals `x`, both
+    (N, 3, H, W) in [-1, 1]. Returns a dict of (N,) float64 CPU tensors ("lpips" only with a net).
+
+    ours: all three on the uint8 images a PNG would hold (models.to_uint8: 127.5 x + 128, clamped):
+      PSNR on the uint8 values, SSIM on uint8 / 255 with data_range 1, LPIPS on uint8 / 127.5 - 1.
+    eqvae (the official eval): PSNR the same (it reads its saved PNGs); SSIM and LPIPS on the
+      unclamped decoder output, SSIM's data_range inferred per image as torchmetrics does when
+      given none (the larger of the two images' max - min; the official eval runs batch size 1).
+    PSNR is +inf for an image reconstructed exactly.
+    """
+    out = {"psnr": models.psnr(x, rec).double()}
+    if protocol == "ours":
+        xq, rq = models.to_uint8(x).double(), models.to_uint8(rec).double()
+        out["ssim"] = ssim(xq / 255.0, rq / 255.0, data_range=1.0)
+        a, b = xq / 127.5 - 1.0, rq / 127.5 - 1.0
+    elif protocol == "eqvae":
+        span = lambda t: t.flatten(1).amax(1) - t.flatten(1).amin(1)  # noqa: E731
+        out["ssim"] = ssim(rec, x, data_range=torch.maximum(span(rec), span(x)).double())
+        a, b = x, rec
+    else:
+        raise ValueError(f"protocol {protocol!r}: use one of {AE_PROTOCOLS}")
+    if lpips_net is not None:
+        out["lpips"] = lpips_net(b.float(), a.float()).flatten().double()
+    return {k: v.cpu() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- intrinsic dimension
+# Table 5. Latent codes are flattened to vectors; neighbours by Euclidean distance.
+
+MLE_NEIGHBOURS = 20  # k of Levina-Bickel's MLE (Pope et al. 2021 use 20 for images)
+TWONN_DISCARD = 0.1  # Facco et al. 2017 fit without the 10% largest ratios mu
+KNN_BLOCK = 4096  # rows and columns of one distance block: block^2 floats whatever the number of points
+
+
+def unique_points(points):
+    """Drop exact duplicate rows (a zero distance breaks both estimators). Returns (points, count dropped)."""
+    unique = torch.unique(points, dim=0)
+    return unique, len(points) - len(unique)
+
+
+@torch.no_grad()
+def knn_distances(points, k, rows=None, block_size=KNN_BLOCK):
+    """Euclidean distances (float64, ascending) from the points `rows` (indices; default all) to their
+    k nearest neighbours among `points` (N, D), the point itself excluded by index. Candidates come
+    from |a|^2 - 2 a.b + |b|^2 in float32 over blocks (memory block_size^2), keeping a running top
+    k + 8; the candidates are then measured again exactly, as float64 differences, and sorted."""
+    x = points.float()
+    x = x - x.mean(0)  # centred: smaller norms, less cancellation in the fast distances
+    n = len(x)
+    if n <= k:
+        raise ValueError(f"{k} nearest neighbours need at least {k + 1} distinct points, got {n}")
+    rows = torch.arange(n, device=x.device) if rows is None else torch.as_tensor(rows, device=x.device)
+    num_candidates = min(n - 1, k + 8)  # slack for the float32 rounding of the fast distances
+    sq = x.pow(2).sum(1)
+    out = []
+    for i in range(0, len(rows), block_size):
+        r = rows[i : i + block_size]
+        xr, best_d, best_i = x[r], None, None
+        for j in range(0, n, block_size):
+            cols = torch.arange(j, min(j + block_size, n), device=x.device)
+            d = sq[r, None] - 2.0 * (xr @ x[cols].t()) + sq[None, cols]  # (rows, cols)
+            d = d.masked_fill(r[:, None] == cols[None, :], float("inf"))  # never its own neighbour
+            idx = cols.expand(len(r), -1)
+            if best_d is not None:
+                d, idx = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
+            best_d, pos = torch.topk(d, min(num_candidates, d.shape[1]), dim=1, largest=False)
+            best_i = idx.gather(1, pos)
+        exact = torch.empty(best_i.shape, dtype=torch.float64, device=x.device)
+        step = max(1, 2**25 // (best_i.shape[1] * x.shape[1]))  # (step, candidates, D) float64 at a time
+        for a in range(0, len(r), step):
+            diff = x[best_i[a : a + step]].double() - xr[a : a + step, None].double()
+            exact[a : a + step] = diff.pow(2).sum(-1).sqrt()
+        out.append(exact.sort(1).values[:, :k])
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.float64, device=x.device)
+
+
+def mle_intrinsic_dimension(dists, k=MLE_NEIGHBOURS):
+    """Levina and Bickel (2005) with MacKay and Ghahramani's (2005) averaging: per point
+    1 / m_k(x) = 1 / (k - 1) sum_{j < k} log(T_k(x) / T_j(x)) (T_j: distance to the j-th neighbour);
+    the estimate is the inverse of the mean of these inverses (not the mean of the m_k(x)).
+    dists: (N, >= k) ascending neighbour distances."""
+    if k < 2 or dists.shape[1] < k:
+        raise ValueError(f"MLE with k={k} needs k >= 2 and {k} neighbour distances per point")
+    T = dists[:, :k].double()
+    inverse = torch.log(T[:, k - 1 : k] / T[:, : k - 1]).sum(1) / (k - 1)
+    return float(1.0 / inverse.mean())
+
+
+def twonn_intrinsic_dimension(dists, discard=TWONN_DISCARD):
+    """TwoNN (Facco et al. 2017): mu = r2 / r1 is Pareto with exponent d, so -log(1 - F(mu)) = d log(mu).
+    With mu sorted and F(mu_(i)) = i / N, d is the least-squares slope through the origin over the
+    (1 - discard) fraction of smallest mu. dists: (N, >= 2) ascending neighbour distances."""
+    mu = (dists[:, 1].double() / dists[:, 0].double()).sort().values
+    n = len(mu)
+    keep = int(math.floor(n * (1.0 - discard)))
+    if keep < 2:
+        raise ValueError(f"TwoNN needs more points (got {n})")
+    F_emp = torch.arange(1, keep + 1, dtype=torch.float64, device=mu.device) / n
+    lx, ly = torch.log(mu[:keep]), -torch.log1p(-F_emp)
+    return float((lx * ly).sum() / (lx * lx).sum())
+
+
+def intrinsic_dimension(points, k=MLE_NEIGHBOURS, block_size=KNN_BLOCK):
+    """Both estimators on one process: {"mle", "twonn", "num_points" (distinct), "duplicates"}."""
+    unique, duplicates = unique_points(points)
+    dists = knn_distances(unique, max(k, 2), block_size=block_size)
+    return {"mle": mle_intrinsic_dimension(dists, k), "twonn": twonn_intrinsic_dimension(dists),
+            "num_points": len(unique), "duplicates": duplicates}
+
+
+# ----------------------------------------------------------------------------- autoencoder analysis: data, latents, figures
+# E(x) everywhere below (equivariance error, intrinsic dimension, PCA, latent transforms) is the
+# posterior mean of a KL model and the pre-quantization features of a VQ model (`encode_features`,
+# where EQ-VAE applies tau, Sec. 3.3); D(z) quantizes first for a VQ model.
+
+LATENT_SCALES = (0.75, 0.5, 0.25)  # Figure 3's latent scalings; its rotations are models.EQ_EVAL_ROTATIONS
+FIGURE_SCALE, FIGURE_QUARTER_TURNS = 0.5, 1  # Figure 2: s = 0.5, and a pi/2 rotation
+
+
+class AEImages(torch.utils.data.Dataset):
+    """Validation images for the autoencoder analysis; items ((3, S, S) float in [-1, 1], index).
+
+    protocol "ours": ADM's center crop (data.py), the crop every other stage of this codebase uses.
+    protocol "eqvae": the official eval's torchvision pipeline: ToTensor, Resize(S) (bilinear on the
+    tensor; `resize_antialias`, torchvision's default since 0.17), CenterCrop(S).
+    """
+
+    def __init__(self, data_path, image_size, protocol="ours", resize_antialias=True):
+        self.dataset = make_dataset(data_path, image_size, crop="adm" if protocol == "ours" else "none")
+        self.image_size, self.protocol, self.resize_antialias = image_size, protocol, resize_antialias
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, _ = self.dataset[index]
+        if self.protocol == "eqvae":
+            from torchvision.transforms import InterpolationMode
+            from torchvision.transforms import functional as TF
+
+            x = (x + 1.0) / 2.0  # ToTensor's [0, 1]
+            x = TF.resize(x, self.image_size, interpolation=InterpolationMode.BILINEAR, antialias=self.resize_antialias)
+            x = TF.center_crop(x, self.image_size) * 2.0 - 1.0  # Normalize(0.5, 0.5)
+        return x, index
+
+
+def subset_indices(n, num_images=None, seed=0):
+    """The images evaluated: all n, or a seeded random subset of num_images, sorted; the same on
+    every rank and for any number of ranks."""
+    if num_images is None or num_images >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=num_images, replace=False))
+
+
+def rank_shard(indices):
+    """This rank's contiguous share of `indices` (as extract_features splits its images)."""
+    rank, world = _dist()
+    per = -(-len(indices) // world)
+    return indices[rank * per : (rank + 1) * per]
+
+
+def _shard_counts(n):
+    """How many of n items each rank's rank_shard holds (rank order)."""
+    world = _dist()[1]
+    per = -(-n // world)
+    return [max(0, min(n, (r + 1) * per) - min(n, r * per)) for r in range(world)]
+
+
+def ae_encode(ae, x, seeds=None):
+    """E(x): the posterior mean (KL) or pre-quantization features (VQ). With `seeds` (one int per
+    image), a KL posterior sample instead, its noise drawn from each image's own seed so that it
+    does not depend on the batch or the number of ranks."""
+    if ae.kind == "vq":
+        return ae.encode_features(x).float()
+    posterior = ae.encode(x)
+    if seeds is None:
+        return posterior.mean.float()
+    shape = posterior.mean.shape[1:]
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return (posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)).float()
+
+
+def ae_decode(ae, z):
+    """D(z), after the nearest-codebook quantization for a VQ model (tau acts before it, Sec. 3.3)."""
+    if ae.kind == "vq":
+        z = ae.quantize(z)[0]
+    return ae.decode(z).float()
+
+
+def figure3_transforms(lat):
+    """Figure 3's tau on a lat x lat latent: (name, EqTransform) for s = 0.75, 0.5, 0.25, then the rotations."""
+    out = [(f"scale_{s}", models.eq_transform(lat, lat, scale=s)) for s in LATENT_SCALES]
+    return out + [(f"rot_{90 * k}", models.eq_transform(lat, lat, k=k)) for k in models.EQ_EVAL_ROTATIONS]
+
+
+def equivariance_errors(ae, x, interp="bicubic", antialias=False):
+    """App. C.3 per image, {"rotation": (N,), "scale": (N,)} float64: models.equivariance_error over
+    T_r = {pi/2, pi, 3pi/2} and T_s = {0.25, 0.5, 0.75} (models.eval_transforms)."""
+    lat_h, lat_w = x.shape[-2] // ae.downsample_factor, x.shape[-1] // ae.downsample_factor
+    return {kind: models.equivariance_error(ae, x, models.eval_transforms(lat_h, lat_w, kind), interp, antialias).double().cpu()
+            for kind in ("rotation", "scale")}
+
+
+def pca_rgb(latents):
+    """Figure 1 (left): the top three principal components of latent pixels as RGB.
+
+    latents (N, C, h, w) of one autoencoder; the PCA is fitted over all N*h*w latent pixels (vectors
+    of C channels); each component's sign is fixed (largest loading positive) so colours are
+    reproducible, then min-max normalised over those pixels. Returns (N, 3, h, w) in [0, 1]."""
+    N, C, h, w = latents.shape
+    X = latents.permute(0, 2, 3, 1).reshape(-1, C).double()  # (N*h*w, C)
+    X = X - X.mean(0)
+    _, vectors = torch.linalg.eigh(X.t() @ X)  # ascending eigenvalues
+    V = vectors.flip(1)[:, :3]  # (C, <= 3) top components
+    V = V * torch.sign(V.gather(0, V.abs().argmax(0, keepdim=True)))
+    P = X @ V
+    if P.shape[1] < 3:  # fewer than 3 latent channels: black in the missing colours
+        P = torch.cat([P, P.new_zeros(len(P), 3 - P.shape[1])], 1)
+    lo, hi = P.amin(0), P.amax(0)
+    P = (P - lo) / (hi - lo).clamp_min(1e-12)
+    return P.reshape(N, h, w, 3).permute(0, 3, 1, 2).float()
+
+
+def save_labelled_grid(columns, labels, path, min_size=128):
+    """One PNG: a column per (N, 3, H, W) tensor in [0, 1] (all the same size), a row per image, under
+    a header naming each column (labels may hold one line break). Images smaller than min_size
+    pixels are enlarged by an integer factor with nearest neighbours, so pixels stay visible."""
+    from torchvision.utils import make_grid
+
+    cells = torch.stack([c.float().cpu().clamp(0, 1) for c in columns], 1).flatten(0, 1)  # (N*cols, 3, H, W)
+    factor = max(1, min_size // cells.shape[-1])
+    if factor > 1:
+        cells = F.interpolate(cells, scale_factor=factor, mode="nearest")
+    grid = make_grid(cells, nrow=len(columns), padding=2, pad_value=1.0)
+    body = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    lines = max(len(label.split("\n")) for label in labels)
+    header = 12 * lines + 4
+    canvas = Image.new("RGB", (body.width, body.height + header), "white")
+    canvas.paste(body, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    cell_w = cells.shape[-1] + 2
+    max_chars = max(4, cell_w // 6)
+    for j, label in enumerate(labels):
+        for i, line in enumerate(label.split("\n")):
+            line = line if len(line) <= max_chars else ".." + line[-(max_chars - 2):]
+            draw.text((4 + j * cell_w, 2 + 12 * i), line, fill=(0, 0, 0))
+    canvas.save(path)
+
+
+def vae_labels(specs):
+    """Short column/row names for --vae specs: the file or folder name; numbered when two collide."""
+    names = [os.path.basename(s.rstrip("/")) or s for s in specs]
+    return [f"{i + 1}:{n}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def format_table(header, rows):
+    """Plain text table: floats with 4 decimals, None as n/a, infinities as inf."""
+    def cell(v):
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return ("inf" if v > 0 else "-inf") if math.isinf(v) else f"{v:.4f}"
+        return str(v)
+
+    table = [header] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table)
+
+
 # ----------------------------------------------------------------------------- subcommands
 
 
@@ -1098,10 +1463,333 @@ def _load_model(args, device):
         fail(str(e))
 
 
+# ----------------------------------------------------------------------------- autoencoder subcommands
+
+
+def _ae_setup(args, device, protocol="ours", resize_antialias=True):
+    """What every autoencoder subcommand starts with: checks, the images, the subset, the autoencoders."""
+    if args.precision == "tf32" and device.type != "cuda":
+        fail("--precision tf32 only exists on CUDA devices: use fp32 (or bf16) on CPU")
+    if args.num_images is not None and args.num_images < 1:
+        fail(f"--num-images {args.num_images}: give a positive number (or leave it out for every image)")
+    try:
+        dataset = AEImages(args.data_path, args.image_size, protocol, resize_antialias)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        fail(str(e))
+    indices = subset_indices(len(dataset), args.num_images, args.seed)
+    aes = []
+    for spec in args.vae:
+        torch.manual_seed(args.seed)  # scratch:CONFIG draws from the global RNG: the same weights on every rank
+        try:
+            ae = models.load_autoencoder(spec, args.trust_checkpoint)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            fail(f"--vae {spec}: {e}")
+        if args.image_size % ae.downsample_factor:
+            fail(f"--image-size {args.image_size} is not a multiple of {spec}'s downsampling factor {ae.downsample_factor}")
+        aes.append(ae.to(device).eval().requires_grad_(False))
+    notes = []
+    if args.num_images is not None and args.num_images > len(dataset):
+        notes.append(f"--num-images {args.num_images} but {args.data_path} has {len(dataset)} images: all are used")
+    return dataset, indices, aes, notes
+
+
+def _ae_loader(dataset, indices, args, device):
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, rank_shard(indices).tolist()), batch_size=args.batch_size, shuffle=False,
+        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+    )
+
+
+def _progress(indices, desc):
+    return tqdm(total=len(rank_shard(indices)), desc=desc, unit="img", disable=not is_main(), dynamic_ncols=True)
+
+
+def _all_reduce_sum(t):
+    if _dist()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _ae_output(args, command, result, header, table_rows, notes, t0):
+    """Rank 0: print the table and notes, write the JSON (default results/COMMAND.json)."""
+    result.update(command=command, vae=args.vae, data_path=args.data_path, image_size=args.image_size, seed=args.seed,
+                  precision=args.precision, world_size=_dist()[1], notes=notes, seconds=round(time.time() - t0, 1))
+    out = args.out or os.path.join("results", f"{command}.json")
+    print0(format_table(header, table_rows))
+    for n in notes:
+        print0(f"NOTE: {n}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_json(out, result)
+    print0(f"wrote {out}")
+
+
+@torch.no_grad()
+def evaluate_reconstruction(aes, inception, dataset, indices, args, device, lpips_net=None):
+    """rFID, PSNR, SSIM, LPIPS of every autoencoder on the same images, and with latent_transform
+    Figure 3's rFID between tau x and D(tau E(x)). Every rank must call it: each reconstructs its
+    shard, the Inception features or statistics and the metric sums are combined across ranks, the
+    Frechet distances shared out; rank 0 returns the rows (the others None)."""
+    pipeline = "pytorch-fid" if args.protocol == "eqvae" else "adm"
+    image_side = lambda ae, t: t.new_h * ae.downsample_factor  # noqa: E731
+    plans = [figure3_transforms(args.image_size // ae.downsample_factor) if args.latent_transform else [] for ae in aes]
+    # One feature set per image set, each key made on every rank before the loop (a rank may get no
+    # images). Up to POOL_DIM images the pool features are kept and FID takes the exact low-rank form
+    # (no 2048x2048 eigendecompositions); beyond, running mean and covariance as `gen` does.
+    few = len(indices) <= POOL_DIM
+    new_set = lambda: [] if few else RunningStats(POOL_DIM, device)  # noqa: E731
+    sets = {"x": new_set()}
+    for i, (ae, plan) in enumerate(zip(aes, plans)):
+        sets[(i, "recon")] = new_set()
+        for name, t in plan:
+            sets[(i, name)] = new_set()
+            sets.setdefault(("tau x", t.k, image_side(ae, t)), new_set())
+    sums = torch.zeros(len(aes), 5, dtype=torch.float64)  # psnr, ssim, lpips, images, exact reconstructions
+
+    def add(key, images):  # (N, 3, H, W) in [-1, 1] -> Inception pool features of their uint8 version
+        pool = inception_features(inception, models.to_uint8(images).permute(0, 2, 3, 1), pipeline)["pool"]
+        if few:
+            sets[key].append(pool.cpu())
+        else:
+            sets[key].update(pool)
+
+    bar = _progress(indices, "recon")
+    for x, index in _ae_loader(dataset, indices, args, device):
+        x = x.to(device)
+        add("x", x)
+        done = set()
+        seeds = (args.seed * 1_000_003 + index).tolist() if args.protocol == "eqvae" else None  # posterior noise per image
+        for i, (ae, plan) in enumerate(zip(aes, plans)):
+            with _precision_context(args.precision, device):
+                z = ae_encode(ae, x, seeds)
+                rec = ae_decode(ae, z)
+            add((i, "recon"), rec)
+            m = reconstruction_metrics(x, rec, args.protocol, lpips_net)
+            sums[i] += torch.tensor([m["psnr"].sum(), m["ssim"].sum(), m["lpips"].sum() if "lpips" in m else 0.0,
+                                     len(x), torch.isinf(m["psnr"]).sum()], dtype=torch.float64)
+            for name, t in plan:  # Figure 3: tau x against D(tau E(x))
+                tau = lambda v: models.apply_eq_transform(v, t, args.interp, args.antialias)  # noqa: E731
+                key = ("tau x", t.k, image_side(ae, t))
+                if key not in done:  # autoencoders with the same image transform share tau x
+                    add(key, tau(x))
+                    done.add(key)
+                with _precision_context(args.precision, device):
+                    add((i, name), ae_decode(ae, tau(z)))
+        bar.update(len(x))
+    bar.close()
+    if few:
+        counts = _shard_counts(len(indices))
+        sets = {k: _gather_rows(torch.cat(v) if v else torch.zeros(0, POOL_DIM), counts, device).numpy() for k, v in sets.items()}
+    else:
+        sets = {k: v.all_reduce().finalize() for k, v in sets.items()}
+    sums = _all_reduce_sum(sums.to(device)).cpu()
+
+    # The Frechet distances (seconds each at 2048-d) are shared out across ranks, then gathered.
+    jobs = [((i, "recon"), "x") for i in range(len(aes))]
+    jobs += [((i, name), ("tau x", t.k, image_side(ae, t))) for i, (ae, plan) in enumerate(zip(aes, plans)) for name, t in plan]
+    rank, world = _dist()
+    fids = {}
+    for j, (key, ref) in enumerate(jobs):
+        if j % world == rank:
+            fids[key] = (frechet_distance_from_features(sets[key], sets[ref]) if few
+                         else frechet_distance(*sets[key], *sets[ref], method=args.sqrtm))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, fids)
+        fids = {k: v for part in parts for k, v in part.items()}
+    if not is_main():
+        return None
+    rows = []
+    for i, (ae, plan) in enumerate(zip(aes, plans)):
+        psnr_sum, ssim_sum, lpips_sum, n, exact = sums[i].tolist()
+        row = {"vae": args.vae[i], "kind": ae.kind, "downsample_factor": ae.downsample_factor,
+               "latent_shape": [ae.latent_channels, args.image_size // ae.downsample_factor, args.image_size // ae.downsample_factor],
+               "rfid": fids[(i, "recon")], "psnr": psnr_sum / n, "ssim": ssim_sum / n,
+               "lpips": lpips_sum / n if lpips_net is not None else None, "exact_reconstructions": int(exact)}
+        if plan:
+            latent = {name: fids[(i, name)] for name, _ in plan}
+            latent["rot_mean"] = float(np.mean([latent[f"rot_{90 * k}"] for k in models.EQ_EVAL_ROTATIONS]))
+            row["rfid_latent_transform"] = latent
+        rows.append(row)
+    return rows
+
+
+def cmd_recon(args, device):
+    t0 = time.time()
+    if args.resize_antialias is not None and args.protocol != "eqvae":
+        fail("--resize-antialias only applies to --protocol eqvae (ours uses ADM's center crop)")
+    resize_antialias = True if args.resize_antialias is None else args.resize_antialias
+    dataset, indices, aes, notes = _ae_setup(args, device, args.protocol, resize_antialias)
+    try:
+        notes.append(_few_images_note(len(indices), f"{args.data_path} ({len(indices)} images evaluated)"))
+    except InputError as e:
+        fail(str(e))
+    inception = _load_model(args, device)
+    lpips_net = None
+    if args.lpips:
+        torch.manual_seed(0)  # a random backbone is then the same function on every rank and in every run
+        try:
+            lpips_net = models.load_lpips(args.lpips_random).to(device)
+        except RuntimeError as e:
+            fail(str(e))
+    rows = evaluate_reconstruction(aes, inception, dataset, indices, args, device, lpips_net)
+    if not is_main():
+        return
+    if not inception.info["comparable"]:
+        notes.insert(0, RANDOM_WARNING)
+    if lpips_net is not None and args.lpips_random:
+        notes.insert(0, LPIPS_RANDOM_WARNING)
+    if args.protocol == "eqvae" and any(ae.kind == "vq" for ae in aes):
+        notes.append("--protocol eqvae samples the posterior of KL models only; VQ models reconstruct deterministically")
+    for row in rows:
+        if row["exact_reconstructions"]:
+            notes.append(f"{row['vae']}: {row['exact_reconstructions']} image(s) reconstructed exactly (PSNR = inf), so the mean PSNR is inf")
+    notes = [n for n in notes if n]
+    header = ["vae", "kind", "rFID", "PSNR", "SSIM", "LPIPS"]
+    table = [[r["vae"], r["kind"], r["rfid"], r["psnr"], r["ssim"], r["lpips"]] for r in rows]
+    if args.latent_transform:
+        header += [f"rFID s={s}" for s in LATENT_SCALES] + ["rFID rot"]
+        for t, r in zip(table, rows):
+            t += [r["rfid_latent_transform"][f"scale_{s}"] for s in LATENT_SCALES] + [r["rfid_latent_transform"]["rot_mean"]]
+    result = {
+        "rows": rows, "protocol": args.protocol, "num_images": len(indices),
+        "crop": "ADM center crop" if args.protocol == "ours" else f"torchvision Resize (antialias={resize_antialias}) + CenterCrop",
+        "latent": "posterior sample (KL), pre-quantization features (VQ)" if args.protocol == "eqvae"
+                  else "posterior mean (KL), pre-quantization features (VQ)",
+        "fid_pipeline": "pytorch-fid" if args.protocol == "eqvae" else "adm",
+        "frechet": "low-rank form from the features" if len(indices) <= POOL_DIM else f"sqrtm {args.sqrtm}",
+        "inception_weights": inception.info["weights"], "inception_id": inception.info["id"],
+        "lpips_backbone": None if lpips_net is None else ("random" if args.lpips_random else "torchvision VGG16 ImageNet"),
+        "latent_transform": {"interp": args.interp, "antialias": args.antialias, "scales": list(LATENT_SCALES),
+                             "quarter_turns": list(models.EQ_EVAL_ROTATIONS)} if args.latent_transform else None,
+    }
+    result["comparable"] = (inception.info["comparable"] and not (lpips_net is not None and args.lpips_random)
+                            and not any("NOT comparable" in n for n in notes))
+    _ae_output(args, "recon", result, header, table, notes, t0)
+
+
+@torch.no_grad()
+def cmd_equiv(args, device):
+    t0 = time.time()
+    dataset, indices, aes, notes = _ae_setup(args, device)
+    sums = torch.zeros(len(aes), 3, dtype=torch.float64)  # rotation, scale, images
+    bar = _progress(indices, "equivariance")
+    for x, _ in _ae_loader(dataset, indices, args, device):
+        x = x.to(device)
+        for i, ae in enumerate(aes):
+            with _precision_context(args.precision, device):
+                e = equivariance_errors(ae, x, args.interp, args.antialias)
+            sums[i] += torch.tensor([e["rotation"].sum(), e["scale"].sum(), len(x)], dtype=torch.float64)
+        bar.update(len(x))
+    bar.close()
+    sums = _all_reduce_sum(sums.to(device)).cpu()
+    if not is_main():
+        return
+    rows = [{"vae": spec, "kind": ae.kind, "eq_error_rotation": s[0] / s[2], "eq_error_scale": s[1] / s[2]}
+            for spec, ae, s in zip(args.vae, aes, sums.tolist())]
+    result = {"rows": rows, "num_images": len(indices), "interp": args.interp, "antialias": args.antialias,
+              "rotations": ["pi/2", "pi", "3pi/2"], "scales": list(models.EQ_EVAL_SCALES),
+              "E": "posterior mean (KL), pre-quantization features (VQ)", "crop": "ADM center crop", "comparable": True}
+    table = [[r["vae"], r["kind"], r["eq_error_rotation"], r["eq_error_scale"]] for r in rows]
+    _ae_output(args, "equiv", result, ["vae", "kind", "Delta rotation", "Delta scale"], table, notes, t0)
+
+
+@torch.no_grad()
+def cmd_id(args, device):
+    t0 = time.time()
+    if args.mle_k < 2:
+        fail(f"--mle-k {args.mle_k}: the MLE needs at least 2 neighbours")
+    dataset, indices, aes, notes = _ae_setup(args, device)
+    if len(indices) <= args.mle_k + 1:
+        fail(f"{len(indices)} images: the intrinsic dimension with --mle-k {args.mle_k} needs more than {args.mle_k + 1}")
+    local = [[] for _ in aes]
+    bar = _progress(indices, "latents")
+    for x, _ in _ae_loader(dataset, indices, args, device):
+        x = x.to(device)
+        for i, ae in enumerate(aes):
+            with _precision_context(args.precision, device):
+                local[i].append(ae_encode(ae, x).flatten(1).cpu())  # (B, C*h*w)
+        bar.update(len(x))
+    bar.close()
+    rows = []
+    for i, ae in enumerate(aes):
+        dim = ae.latent_channels * (args.image_size // ae.downsample_factor) ** 2
+        mine = torch.cat(local[i]) if local[i] else torch.zeros(0, dim)
+        points = _gather_rows(mine, _shard_counts(len(indices)), device).to(device)  # every rank holds every latent ...
+        points, duplicates = unique_points(points)
+        if len(points) <= args.mle_k:
+            fail(f"--vae {args.vae[i]}: only {len(points)} distinct latents, too few for --mle-k {args.mle_k}")
+        # ... and finds the neighbours of its share of them
+        shard = torch.from_numpy(rank_shard(np.arange(len(points))))
+        dists = knn_distances(points, args.mle_k, rows=shard, block_size=args.knn_block)
+        dists = _gather_rows(dists.cpu(), _shard_counts(len(points)), device)
+        if is_main():
+            rows.append({"vae": args.vae[i], "kind": ae.kind, "latent_dim": dim, "num_points": len(points),
+                         "duplicates": duplicates, "mle": mle_intrinsic_dimension(dists, args.mle_k),
+                         "twonn": twonn_intrinsic_dimension(dists)})
+            if duplicates:
+                notes.append(f"{args.vae[i]}: {duplicates} duplicate latent(s) dropped before the neighbour search")
+        del points
+    if not is_main():
+        return
+    result = {"rows": rows, "num_images": len(indices), "mle_k": args.mle_k, "twonn_discard": TWONN_DISCARD,
+              "E": "posterior mean (KL), pre-quantization features (VQ), flattened", "crop": "ADM center crop",
+              "comparable": True}
+    table = [[r["vae"], r["kind"], r["latent_dim"], r["mle"], r["twonn"]] for r in rows]
+    _ae_output(args, "id", result, ["vae", "kind", "dim", f"ID MLE (k={args.mle_k})", "ID TwoNN"], table, notes, t0)
+
+
+@torch.no_grad()
+def cmd_figures(args, device):
+    """Figure 1 (left) and Figure 2 as PNG files: a few images, so rank 0 alone draws them."""
+    dataset, indices, aes, notes = _ae_setup(args, device)
+    if not is_main():
+        return
+    os.makedirs(args.out, exist_ok=True)
+    x = torch.stack([dataset[int(i)][0] for i in indices]).to(device)  # (N, 3, S, S)
+    S, names = args.image_size, vae_labels(args.vae)
+    show = lambda v: ((v.float() + 1) / 2).clamp(0, 1)  # noqa: E731
+    enlarge = lambda v: F.interpolate(v, size=(S, S), mode="nearest") if v.shape[-1] != S else v  # noqa: E731
+    written = {}
+
+    # Figure 1 (left): input | top-3 PCA of E(x) per autoencoder, PCA fitted over all these images' latent pixels
+    columns = [show(x)]
+    with _precision_context(args.precision, device):
+        columns += [enlarge(pca_rgb(ae_encode(ae, x))) for ae in aes]
+    labels = ["input"] + [f"{n}\nPCA of E(x)" for n in names]
+    save_labelled_grid(columns, labels, os.path.join(args.out, "figure1_latent_pca.png"))
+    written["figure1_latent_pca.png"] = labels
+
+    # Figure 2: x | tau x | per autoencoder D(E(tau x)) and D(tau E(x)); smaller outputs enlarged (nearest)
+    for fname, kw in ((f"figure2_scale{FIGURE_SCALE}.png", dict(scale=FIGURE_SCALE)),
+                      (f"figure2_rotation{90 * FIGURE_QUARTER_TURNS}.png", dict(k=FIGURE_QUARTER_TURNS))):
+        columns, labels = [show(x)], ["x"]
+        for j, (ae, name) in enumerate(zip(aes, names)):
+            lat = S // ae.downsample_factor
+            t = models.eq_transform(lat, lat, **kw)
+            tau = lambda v: models.apply_eq_transform(v, t, args.interp, args.antialias)  # noqa: E731
+            if j == 0:
+                columns.append(enlarge(show(tau(x))))
+                labels.append("tau x")
+            with _precision_context(args.precision, device):
+                columns += [enlarge(show(ae_decode(ae, ae_encode(ae, tau(x))))), enlarge(show(ae_decode(ae, tau(ae_encode(ae, x)))))]
+            labels += [f"{name}\nD(E(tau x))", f"{name}\nD(tau E(x))"]
+        save_labelled_grid(columns, labels, os.path.join(args.out, fname))
+        written[fname] = labels
+    info = {"figures": {k: {"columns": [c.replace("\n", ": ") for c in v]} for k, v in written.items()},
+            "image_indices": indices.tolist(), "vae": args.vae, "data_path": args.data_path, "image_size": S,
+            "interp": args.interp, "antialias": args.antialias, "figure2_scale": FIGURE_SCALE,
+            "figure2_rotation": f"{FIGURE_QUARTER_TURNS} x pi/2", "notes": notes}
+    write_json(os.path.join(args.out, "figures.json"), info)
+    for n in notes:
+        print0(f"NOTE: {n}")
+    print0("\n".join(f"wrote {os.path.join(args.out, k)}: {', '.join(c.replace(chr(10), ' ') for c in v)}" for k, v in written.items()))
+
+
 def main(args):
     rank, world_size, device = setup_distributed()
     try:
-        {"gen": cmd_gen, "ref": cmd_ref}[args.command](args, device)
+        {"gen": cmd_gen, "ref": cmd_ref, "recon": cmd_recon, "equiv": cmd_equiv, "id": cmd_id,
+         "figures": cmd_figures}[args.command](args, device)
     finally:
         cleanup()
 
@@ -1116,17 +1804,50 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
-        # shared by every subcommand that runs the Inception
+    def inception_flags(p):
         p.add_argument("--inception-weights", default=INCEPTION_WEIGHTS,
                        help=f"pytorch-fid's Inception weights: a path, the name {INCEPTION_WEIGHTS} (downloaded once "
                             f"into $EQVAE_CACHE), or `random` for offline smoke runs (numbers then not comparable)")
+
+    def loader_flags(p, what="Inception forward"):
+        p.add_argument("--batch-size", type=int, default=None, help=f"images per {what}, per process (default 64)")
+        p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes per process (default 4)")
+        p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="tiny: batch 8, no workers (CPU smoke runs)")
+
+    def common(p):
+        # shared by the generation subcommands (gen, ref)
+        inception_flags(p)
         p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                        help="Inception arithmetic: fp32 (TF32 off; the reference), tf32 (CUDA) or bf16 autocast; "
                             "see `python bench.py --only inception` for their error against fp32")
-        p.add_argument("--batch-size", type=int, default=None, help="images per Inception forward, per process (default 64)")
-        p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes per process (default 4)")
-        p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="tiny: batch 8, no workers (CPU smoke runs)")
+        loader_flags(p)
+
+    def ae_flags(p, num_images=None):
+        # shared by the autoencoder subcommands (recon, equiv, id, figures)
+        p.add_argument("--vae", action="append", required=True, metavar="SPEC",
+                       help="an autoencoder: a name (" + ", ".join(sorted(models.PRETRAINED_AUTOENCODERS)) + "), "
+                            "scratch:CONFIG, a diffusers folder or a checkpoint file; repeat the flag to compare several side by side")
+        p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                       help="allow full unpickling of --vae checkpoints that need it (only for files you trust)")
+        p.add_argument("--data-path", required=True,
+                       help="validation images: a folder (class subfolders or flat; the paper: the 50k ImageNet "
+                            "validation images) or builtin:shapes[:N[:SEED]]")
+        p.add_argument("--image-size", type=int, default=256, help="pixels of the square crop (the paper: 256)")
+        p.add_argument("--num-images", type=int, default=num_images,
+                       help="evaluate a seeded random subset of this many images (default: " +
+                            ("all" if num_images is None else str(num_images)) + ")")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the --num-images subset (and of the posterior noise under --protocol eqvae)")
+        p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                       help="arithmetic of the autoencoders (and of recon's Inception): fp32 (the reference), "
+                            "tf32 (CUDA) or bf16 autocast")
+        loader_flags(p, "autoencoder (and Inception) forward")
+
+    def tau_flags(p):
+        p.add_argument("--interp", default="bicubic", choices=models.INTERPOLATIONS,
+                       help="resampling of the scale transforms tau on images and latents (the paper: bicubic)")
+        p.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=False,
+                       help="low-pass filter bilinear/bicubic downscaling in tau (not in the paper)")
 
     gen = sub.add_parser("gen", help="FID, sFID, IS, precision, recall of a sample batch against a reference batch")
     gen.add_argument("--ref", required=True,
@@ -1149,6 +1870,45 @@ def parse_args(argv=None):
                      help="images kept in arr_0 for precision/recall (ADM: 10000); statistics use all images")
     ref.add_argument("--global-seed", type=int, default=0, help="seed of the arr_0 subset")
     common(ref)
+
+    recon = sub.add_parser("recon", help="rFID, PSNR, SSIM, LPIPS of autoencoders (Tables 1, 12); Figure 3 with --latent-transform")
+    ae_flags(recon)
+    recon.add_argument("--protocol", default="ours", choices=AE_PROTOCOLS,
+                       help="ours: ADM center crop, posterior mean, metrics on uint8 images, ADM's Inception input; "
+                            "eqvae: the official EQ-VAE eval's conventions (see the README), to compare with published numbers")
+    recon.add_argument("--resize-antialias", action=argparse.BooleanOptionalAction, default=None,
+                       help="--protocol eqvae only: antialias in torchvision's Resize (default on, torchvision >= 0.17; "
+                            "the official environment's torchvision 0.8 had none)")
+    recon.add_argument("--latent-transform", action=argparse.BooleanOptionalAction, default=False,
+                       help="also Figure 3: rFID between tau x and D(tau E(x)) for s = 0.75, 0.5, 0.25 and rotations "
+                            "pi/2, pi, 3pi/2 (averaged)")
+    tau_flags(recon)
+    inception_flags(recon)
+    recon.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
+                       help="compute LPIPS-VGG (needs torchvision's VGG16 weights, or --lpips-random)")
+    recon.add_argument("--lpips-random", action=argparse.BooleanOptionalAction, default=False,
+                       help="random LPIPS VGG backbone for offline smoke runs (LPIPS then not comparable)")
+    recon.add_argument("--sqrtm", default="scipy", choices=["scipy", "eigh"],
+                       help="matrix square root in the Frechet distance: scipy (ADM's and pytorch-fid's) or eigh (faster); "
+                            f"with at most {POOL_DIM} images the exact low-rank form is used instead (no square root)")
+    recon.add_argument("--out", default=None, help="JSON file for the table (default results/recon.json)")
+
+    equiv = sub.add_parser("equiv", help="equivariance error of App. C.3 under rotations and scalings (Table 1)")
+    ae_flags(equiv)
+    tau_flags(equiv)
+    equiv.add_argument("--out", default=None, help="JSON file for the table (default results/equiv.json)")
+
+    idp = sub.add_parser("id", help="intrinsic dimension of the latent codes, MLE and TwoNN (Table 5)")
+    ae_flags(idp)
+    idp.add_argument("--mle-k", type=int, default=MLE_NEIGHBOURS, help="neighbours k of the MLE estimator (default 20)")
+    idp.add_argument("--knn-block", type=int, default=KNN_BLOCK,
+                     help="rows/columns of one block of the neighbour search (memory: block^2 floats)")
+    idp.add_argument("--out", default=None, help="JSON file for the table (default results/id.json)")
+
+    figures = sub.add_parser("figures", help="Figure 1 (left, latent PCA) and Figure 2 (decoding transformed latents) as PNGs")
+    ae_flags(figures, num_images=8)
+    tau_flags(figures)
+    figures.add_argument("--out", required=True, help="folder for the PNG files and figures.json")
 
     args = parser.parse_args(argv)
     for key, value in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
