@@ -1221,9 +1221,7 @@ def ae_encode(ae, x, seeds=None):
 
 def ae_decode(ae, z):
     """D(z), after the nearest-codebook quantization for a VQ model (tau acts before it, Sec. 3.3)."""
-    if ae.kind == "vq":
-        z = ae.quantize(z)[0]
-    return ae.decode(z).float()
+    return ae.decode_features(z).float()
 
 
 def figure3_transforms(lat):

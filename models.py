@@ -265,6 +265,10 @@ class AutoencoderKL(nn.Module):
         """What EQ-VAE transforms and the equivariance error compares: the posterior mean."""
         return self.encode(x).mean
 
+    def decode_features(self, h):
+        """D for what `encode_features` returns (deterministic reconstruction: D(E(x)))."""
+        return self.decode(h)
+
     def last_layer(self):
         """Weight at which LDM's adaptive GAN weight compares gradient norms."""
         return self.decoder.conv_out.weight
@@ -336,6 +340,10 @@ class VQModel(nn.Module):
 
     def decode(self, zq):
         return self.decoder(self.post_quant_conv(zq))
+
+    def decode_features(self, h):
+        """D for pre-quantization features: quantize, then decode (tau acts before quantization)."""
+        return self.decode(self.quantize(h)[0])
 
     def decode_indices(self, indices):
         zq = self.quantize.embedding(indices).permute(0, 3, 1, 2)  # (N, H, W) -> (N, C, H, W)

@@ -134,12 +134,9 @@ def evaluate_batch(ae, x, args):
 
 
 def reconstruct(ae, x, latent_fn=None):
-    """Deterministic reconstruction: posterior mean (KL) or quantized features (VQ)."""
-    if ae.kind == "kl":
-        z = ae.encode(x).mean
-        return ae.decode(z if latent_fn is None else latent_fn(z))
+    """Deterministic reconstruction D(latent_fn(E(x))): posterior mean (KL) or quantized features (VQ)."""
     h = ae.encode_features(x)
-    return ae.decode(ae.quantize(h if latent_fn is None else latent_fn(h))[0])
+    return ae.decode_features(h if latent_fn is None else latent_fn(h))
 
 
 @torch.no_grad()
