@@ -814,7 +814,13 @@ def load_autoencoder(spec, trust_checkpoint=False, return_extras=False):
         model = build_autoencoder(AE_configs[name])
         return (model, extras) if return_extras else model
     if spec in PRETRAINED_AUTOENCODERS:
-        spec = fetch_pretrained(spec)
+        # under torchrun rank 0 downloads first; the others then find the file in the cache
+        if utils.is_main():
+            spec = fetch_pretrained(spec)
+            utils.barrier()
+        else:
+            utils.barrier()
+            spec = fetch_pretrained(spec)
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise FileNotFoundError(f"{spec} is a folder without config.json: not a diffusers autoencoder folder")
@@ -863,6 +869,8 @@ def fetch_pretrained(name):
         ckpt = os.path.join(utils.cache_dir(), name, "model.ckpt")
         if not os.path.isfile(ckpt):
             archive = utils.download(entry["url"], os.path.join(name, os.path.basename(entry["url"])))
+            if not zipfile.is_zipfile(archive):
+                raise RuntimeError(f"{archive} is not a zip archive (a broken download?): delete it and retry")
             with zipfile.ZipFile(archive) as z:
                 member = next((m for m in z.namelist() if m.endswith(".ckpt")), None)
                 if member is None:

@@ -201,6 +201,12 @@ def main(args):
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         utils.fail(f"{'--resume ' + resume_path if resume_path else '--vae ' + args.vae}: {str(e).strip(chr(34) + chr(39))}")
     kind = ae.kind
+    if resume_ckpt is not None:  # the discriminator's shape is part of the resumed state
+        for flag in ("disc_channels", "disc_layers"):
+            saved = resume_ckpt["args"].get(flag, getattr(args, flag))
+            if saved != getattr(args, flag):
+                notes.append(f"--{flag.replace('_', '-')} {saved} from the resumed checkpoint (not {getattr(args, flag)})")
+                setattr(args, flag, saved)
     check_kind_flags(args, kind)
     resolve_kind_defaults(args, kind)
     disc = models.NLayerDiscriminator(ndf=args.disc_channels, n_layers=args.disc_layers)
@@ -213,9 +219,13 @@ def main(args):
         notes.append(f"restored the pretrained discriminator from {args.vae}")
     elif resume_ckpt is None and args.disc_weight > 0:
         notes.append(f"{args.vae} carries no discriminator: training a fresh one (on from step {args.disc_start})")
-    logvar = torch.nn.Parameter(torch.tensor(float(extras.get("loss.logvar", args.logvar_init or 0.0)), device=device))
-    if "loss.logvar" in extras:
-        notes.append(f"restored the pretrained logvar {logvar.item():.4f}")
+    # LDM's log-variance: a parameter of its loss that its optimizer never receives, so it stays fixed
+    if args.logvar is not None:
+        logvar = torch.tensor(args.logvar, device=device)
+    else:
+        logvar = torch.tensor(float(extras.get("loss.logvar", 0.0)), device=device)
+        if "loss.logvar" in extras:
+            notes.append(f"restored the pretrained logvar {logvar.item():.4f}")
     try:
         dataset = data.make_dataset(args.data_path, args.image_size, crop=args.crop, flip=args.flip, class_folders=False,
                                     min_size=args.image_size if args.crop != "none" else None, seed=args.global_seed)
@@ -238,7 +248,8 @@ def main(args):
 
     # run folder: a resumed run continues in its own folder
     if resume_path:
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_path)))
+        ckpt_folder = os.path.dirname(os.path.abspath(resume_path))
+        run_dir = args.run_dir or (os.path.dirname(ckpt_folder) if os.path.basename(ckpt_folder) == "checkpoints" else ckpt_folder)
     else:
         run_dir = args.run_dir or make_run_dir(args.results_dir, args)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -259,8 +270,7 @@ def main(args):
     # optimizers: Adam(0.5, 0.9) as LDM; lr = base_lr x effective global batch unless --lr
     effective_batch = args.global_batch_size * args.grad_accum
     lr = args.lr if args.lr is not None else args.base_lr * effective_batch
-    ae_params = list(ae.parameters()) + ([logvar] if kind == "kl" else [])
-    opt_ae = torch.optim.Adam(ae_params, lr=lr, betas=(0.5, 0.9))
+    opt_ae = torch.optim.Adam(ae.parameters(), lr=lr, betas=(0.5, 0.9))
     opt_disc = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     scaler_ae = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_disc = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -284,14 +294,15 @@ def main(args):
     if resume_ckpt is not None:
         ae.load_state_dict(resume_ckpt["model"])
         disc.load_state_dict(resume_ckpt["discriminator"])
-        if resume_ckpt.get("logvar") is not None:
-            logvar.data.copy_(resume_ckpt["logvar"])
+        if resume_ckpt.get("logvar") is not None and args.logvar is None:
+            logvar = resume_ckpt["logvar"].to(device)
         if ema is not None:
             ema.load_state_dict(resume_ckpt["ema"] or resume_ckpt["model"])
         opt_ae.load_state_dict(resume_ckpt["opt"])
         opt_disc.load_state_dict(resume_ckpt["opt_disc"])
-        scaler_ae.load_state_dict(resume_ckpt["scaler"])
-        scaler_disc.load_state_dict(resume_ckpt["scaler_disc"])
+        if scaler_ae.is_enabled() and resume_ckpt["scaler"]:  # fp16 loss scales, when both runs use fp16
+            scaler_ae.load_state_dict(resume_ckpt["scaler"])
+            scaler_disc.load_state_dict(resume_ckpt["scaler_disc"])
         step = resume_ckpt["step"]
         if len(resume_ckpt["rng"]) == world_size:
             utils.set_rng_state(resume_ckpt["rng"][rank])
@@ -368,6 +379,8 @@ def main(args):
                             tau_e = models.sample_eq_transform(*lat, args.eq_transform, args.eq_angles, args.eq_scales, rng)
                             terms["explicit"] = explicit_loss(ae_ddp, x, tau_e, args.eq_mode == "explicit-sg", args.interp, args.antialias)
                             loss = loss + args.explicit_weight * terms["explicit"]
+                        elif args.eq_mode != "implicit":  # every rank logs the same keys (one all-reduce)
+                            terms["explicit"] = torch.zeros((), device=device)
                     scaler_ae.scale(loss / args.grad_accum).backward()
                 # discriminator on the same reconstruction (one autoencoder forward serves both updates)
                 if gan_on:
@@ -394,9 +407,6 @@ def main(args):
                 restore_handlers(previous_handlers)
                 utils.cleanup()
                 raise SystemExit(3)
-            if world_size > 1 and kind == "kl":  # logvar lives outside DDP: average its gradient by hand
-                dist.all_reduce(logvar.grad)
-                logvar.grad /= world_size
             scaler_ae.unscale_(opt_ae)
             grad_norm = torch.nn.utils.clip_grad_norm_(ae.parameters(), args.max_grad_norm or float("inf"))
             scaler_ae.step(opt_ae)
@@ -507,7 +517,7 @@ def check_args(args, world_size):
         utils.fail(f"--export-diffusers {args.export_diffusers} exists and is not empty: choose a new folder")
 
 
-KIND_ONLY_FLAGS = {"kl": ("kl_weight", "logvar_init"), "vq": ("codebook_weight",)}
+KIND_ONLY_FLAGS = {"kl": ("kl_weight", "logvar"), "vq": ("codebook_weight",)}
 
 
 def check_kind_flags(args, kind):
@@ -525,7 +535,6 @@ def resolve_kind_defaults(args, kind):
     """Per-kind defaults: LDM kl-f8 (KL weight 1e-6, GAN weight 0.5) and taming f16 (codebook 1.0, GAN 0.8)."""
     if kind == "kl":
         args.kl_weight = 1e-6 if args.kl_weight is None else args.kl_weight
-        args.logvar_init = 0.0 if args.logvar_init is None else args.logvar_init
     else:
         args.codebook_weight = 1.0 if args.codebook_weight is None else args.codebook_weight
     if args.disc_weight is None:
@@ -621,7 +630,7 @@ def parse_args(argv=None):
     p.add_argument("--eq-mode", choices=["implicit", "explicit", "explicit-sg"], default="implicit",
                    help="implicit: Eq. 5 (the paper); explicit: Eq. 1 + w ||tau E(x) - E(tau x)||^2 (App. A.1); explicit-sg: with sg[E(tau x)]")
     p.add_argument("--eq-prob", type=float, default=0.5,
-                   help="probability that a step uses the equivariance objective (p_alpha of Eq. 7, paper: 0.5)")
+                   help="probability that a step uses the equivariance objective, i.e. 1 - p_alpha of Eq. 7 (paper: 0.5)")
     p.add_argument("--eq-start", type=int, default=0, help="standard objective only before this step")
     p.add_argument("--eq-transform", choices=models.EQ_MODES, default="rotation+scale",
                    help="tau family (Table 5 rows): rotation, scale (isotropic), anisotropic, rotation+scale (paper default), rotation+anisotropic")
@@ -640,7 +649,8 @@ def parse_args(argv=None):
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS-VGG weight (LDM: 1.0; 0 disables LPIPS)")
     p.add_argument("--lpips-random", action="store_true", help="random VGG backbone for LPIPS (offline smoke runs; labelled in the log)")
     p.add_argument("--kl-weight", type=float, default=None, help="KL weight, KL models only (LDM kl-f8: 1e-6)")
-    p.add_argument("--logvar-init", type=float, default=None, help="initial learned log-variance, KL models only (LDM: 0)")
+    p.add_argument("--logvar", type=float, default=None,
+                   help="LDM's fixed log-variance of the reconstruction term, KL models only (default: the starting checkpoint's, else 0)")
     p.add_argument("--codebook-weight", type=float, default=None, help="VQ loss weight, VQ models only (taming: 1.0)")
     p.add_argument("--disc-weight", type=float, default=None, help="GAN weight times the adaptive weight (LDM kl-f8: 0.5, taming VQ: 0.8; 0 disables)")
     p.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator switches on (EQ-VAE config: 0)")

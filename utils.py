@@ -214,7 +214,7 @@ def download(url, relpath):
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".part"
+    tmp = f"{path}.part{os.getpid()}"  # per process: concurrent downloads never share a file
     try:
         headers = {"User-Agent": "eqvae"}
         if "huggingface.co" in url and os.environ.get("HF_TOKEN"):

@@ -152,6 +152,15 @@ def test_tiny_smoke_single_process(tmp_path, config):
     assert ae.kind == ("kl" if config == "tiny" else "vq")
 
 
+def test_explicit_mode_two_processes_log_the_same_keys(tmp_path):
+    """Ranks that drew different branches still all-reduce one set of metric keys."""
+    run = tmp_path / "run"
+    out = run_cli(["--preset", "tiny", "--eq-mode", "explicit-sg", "--eq-prob", "0.5", "--log-every", "1",
+                   "--ckpt-every", "100", "--run-dir", str(run)], nproc=2, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all("train/explicit" in r for r in read_metrics(run) if "train/loss" in r)
+
+
 def test_tiny_smoke_two_processes_and_diffusers_export(tmp_path):
     run = tmp_path / "run"
     out = run_cli(["--preset", "tiny", "--run-dir", str(run), "--export-diffusers", str(tmp_path / "hf")], nproc=2)
@@ -182,7 +191,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
     assert torch.equal(a["logvar"], b["logvar"])
+    assert a["logvar"].item() == 0.0  # LDM never optimises its log-variance
     assert a["step"] == b["step"] == 4
+    # a checkpoint outside a checkpoints/ folder: its own folder is the run folder; the
+    # discriminator's shape comes from the checkpoint, whatever the command line says
+    (tmp_path / "loose").mkdir()
+    os.link(full / "checkpoints" / "0000002.pt", tmp_path / "loose" / "step2.pt")
+    out = run_cli([*common, "--max-steps", "3", "--disc-channels", "64", "--resume", str(tmp_path / "loose" / "step2.pt")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "loose" / "checkpoints" / "0000003.pt").is_file()
+    assert "--disc-channels 8 from the resumed checkpoint" in (tmp_path / "loose" / "log.txt").read_text()
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
