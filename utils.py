@@ -234,15 +234,6 @@ def download(url, relpath):
     return path
 
 
-def check_finite(loss, step, what="loss"):
-    """Stop on NaN/inf with one clear message (the caller keeps its last good checkpoint)."""
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError(
-            f"{what} is {loss.item()} at step {step}: stopping. The last good checkpoint is kept; "
-            f"lower the learning rate or use --precision fp32, then --resume."
-        )
-
-
 def fail(msg):
     """One clear error line for bad input, raised before any long work starts."""
     print(f"error: {msg}", file=sys.stderr, flush=True)

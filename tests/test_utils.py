@@ -105,9 +105,3 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="bad.pt"):
         utils.load_checkpoint(str(tmp_path / "bad.pt"))
-
-
-def test_check_finite_names_step():
-    utils.check_finite(torch.tensor(1.0), 3)
-    with pytest.raises(FloatingPointError, match="nan at step 7"):
-        utils.check_finite(torch.tensor(float("nan")), 7)
