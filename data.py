@@ -322,3 +322,186 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
         return ShapesDataset(n, image_size, seed=shape_seed, flip=flip)
     return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders,
                               min_size=min_size, seed=seed)
+
+
+# ----------------------------------------------------------------------------- latent cache
+
+CACHE_FORMAT = "eqvae-latent-cache-1"
+
+
+def weights_hash(model):
+    """A short content hash of a model's weights (names, shapes and bytes), to tell caches apart."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_labels(dataset):
+    """(labels as int64 array, class names) without reading any pixel."""
+    if isinstance(dataset, ShapesDataset):
+        return np.arange(len(dataset)) % len(SHAPE_CLASSES), list(SHAPE_CLASSES)
+    return np.array([label for _, label in dataset.samples], dtype=np.int64), list(dataset.classes)
+
+
+def read_cache_meta(folder):
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        return None
+    import json
+
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != CACHE_FORMAT:
+        raise RuntimeError(f"{path} is not a latent cache of this code ({meta.get('format')!r}): use another --latents folder")
+    return meta
+
+
+def _shard_path(folder, k):
+    return os.path.join(folder, f"moments-{k:05d}.npy")
+
+
+def check_cache_matches(meta, fingerprint, folder):
+    """Refuse a cache (or a half-built one) made with another autoencoder, image size or crop."""
+    diffs = [f"{k}: cache has {meta.get(k)!r}, this run {v!r}" for k, v in fingerprint.items() if meta.get(k) != v]
+    if diffs:
+        raise RuntimeError(f"--latents {folder} was built differently, so it cannot be used for this run:\n  "
+                           + "\n  ".join(diffs) + "\nchoose another --latents folder (or delete this one to rebuild it)")
+
+
+def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=None, batch_size=32, num_workers=4,
+                       dtype="float16", device="cpu", shard_images=1000):
+    """Encode every image of `dataset` (ADM center crop) and its horizontal flip into `folder`.
+
+    encode(x) -> (mean, std) of the posterior for a [-1, 1] batch. `fingerprint` (weights hash,
+    image size, crop) must match for the cache to be used; `info` is recorded alongside. Shards of
+    `shard_images` images are split over the ranks and written atomically, so an interrupted build
+    resumes where it stopped. Files: moments-NNNNN.npy (n, 2 [image, flip], 2 [mean, std], C, h, w), labels.npy,
+    and meta.json last (its presence marks a complete cache), with the per-channel mean and std of
+    z ~ q(z|x) over every stored latent. Call on every rank; returns the meta dict.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    import utils
+
+    n = len(dataset)
+    num_shards = (n + shard_images - 1) // shard_images
+    labels, class_names = dataset_labels(dataset)
+    plan = dict(info or {}, **fingerprint, format=CACHE_FORMAT, count=n, latent_shape=list(latent_shape), dtype=dtype,
+                shard_images=shard_images, num_classes=len(class_names), class_names=class_names)
+    if utils.is_main():
+        os.makedirs(folder, exist_ok=True)
+        build_path = os.path.join(folder, "build.json")
+        if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build
+            with open(build_path) as f:
+                check_cache_matches(json.load(f), {k: plan[k] for k in (*fingerprint, "count", "dtype", "shard_images")}, folder)
+        else:
+            utils.write_json(build_path, plan)
+        np.save(os.path.join(folder, "labels.npy"), labels)
+    utils.barrier()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    mine = range(rank, num_shards, world)
+    todo = [k for k in mine if not os.path.isfile(_shard_path(folder, k))]
+    sizes = {k: min(n, (k + 1) * shard_images) - k * shard_images for k in mine}
+    bar = tqdm(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[k] for k in todo), unit="img",
+               desc=f"caching latents (rank 0 of {world})" if world > 1 else "caching latents", disable=not utils.is_main())
+    for k in todo:
+        indices = list(range(k * shard_images, min(n, (k + 1) * shard_images)))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
+        parts = []
+        for x, _ in loader:
+            x = x.to(device)
+            mean, std = encode(torch.cat([x, torch.flip(x, dims=[3])]))  # every image, then every flip
+            mean, std = (m.float().cpu().numpy() for m in (mean, std))
+            B = x.shape[0]
+            parts.append(np.stack([np.stack([mean[:B], std[:B]], 1), np.stack([mean[B:], std[B:]], 1)], 1))
+            bar.update(B)
+        shard = np.concatenate(parts).astype(dtype)
+        tmp = _shard_path(folder, k) + ".tmp.npy"
+        np.save(tmp, shard)
+        os.replace(tmp, _shard_path(folder, k))
+    bar.close()
+    utils.barrier()
+    if utils.is_main():
+        # per-channel statistics of z = mean + std * noise over all stored latents, exactly:
+        # E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2]
+        C = latent_shape[0]
+        s1, s2, count = np.zeros(C), np.zeros(C), 0
+        for k in range(num_shards):
+            shard = np.load(_shard_path(folder, k), mmap_mode="r")
+            m, s = shard[:, :, 0].astype(np.float64), shard[:, :, 1].astype(np.float64)
+            s1 += m.sum(axis=(0, 1, 3, 4))
+            s2 += (m ** 2 + s ** 2).sum(axis=(0, 1, 3, 4))
+            count += m.shape[0] * m.shape[1] * m.shape[3] * m.shape[4]
+        mu = s1 / count
+        meta = dict(plan, channel_mean=mu.tolist(), channel_std=np.sqrt(np.maximum(s2 / count - mu ** 2, 0)).tolist())
+        utils.write_json(os.path.join(folder, "meta.json"), meta)
+        os.remove(os.path.join(folder, "build.json"))
+    utils.barrier()
+    return read_cache_meta(folder)
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """The cached posteriors: item i is ((2, C, h, w) [mean, std], label) of image i or of its flip,
+    the flip drawn from (seed, epoch, i) like every other augmentation here (flip=False: never).
+    Every shard is checked when the dataset is opened; a truncated or mismatched one is named."""
+
+    def __init__(self, folder, flip=True, seed=0):
+        self.meta = read_cache_meta(folder)
+        if self.meta is None:
+            partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
+                if os.path.isfile(os.path.join(folder, "build.json")) else ""
+            raise FileNotFoundError(f"--latents {folder} holds no complete latent cache{partial}")
+        self.folder, self.flip, self.seed, self.epoch = folder, flip, seed, 0
+        n, per = self.meta["count"], self.meta["shard_images"]
+        self.num_shards = (n + per - 1) // per
+        expected = tuple(self.meta["latent_shape"])
+        for k in range(self.num_shards):
+            path = _shard_path(folder, k)
+            rows = min(per, n - k * per)
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"latent cache shard {path} is missing or truncated ({e}): delete it and run "
+                                   f"again with --data-path and --vae to rebuild it") from None
+            if arr.shape != (rows, 2, 2, *expected) or arr.dtype != np.dtype(self.meta["dtype"]):
+                raise RuntimeError(f"latent cache shard {path} holds {arr.shape} {arr.dtype}, expected "
+                                   f"{(rows, 2, 2, *expected)} {self.meta['dtype']}: delete it and rebuild")
+        self.labels = np.load(os.path.join(folder, "labels.npy"))
+        if len(self.labels) != n:
+            raise RuntimeError(f"{folder}/labels.npy has {len(self.labels)} labels for {n} images: rebuild the cache")
+        self.shards = {}
+
+    def __len__(self):
+        return self.meta["count"]
+
+    def __getitem__(self, index):
+        k, row = divmod(index, self.meta["shard_images"])
+        if k not in self.shards:  # opened lazily, once per worker process
+            self.shards[k] = np.load(_shard_path(self.folder, k), mmap_mode="r")
+        flipped = int(self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5)
+        moments = torch.from_numpy(np.array(self.shards[k][row, flipped], dtype=np.float32))
+        return moments, int(self.labels[index])
+
+
+def normalize_latents(z, latent):
+    """Autoencoder latents -> the generator's space: (z - shift) * scale (DiT's 0.18215 for SD-VAE)
+    or per channel (z - mean) / std, as recorded in a recipe's `latent` dict."""
+    if latent["norm"] == "scale":
+        return (z - latent["shift"]) * latent["scale"]
+    mean, std = (torch.tensor(latent[k], device=z.device, dtype=z.dtype).view(1, -1, 1, 1) for k in ("mean", "std"))
+    return (z - mean) / std
+
+
+def denormalize_latents(x, latent):
+    """The inverse of normalize_latents (what the autoencoder's decoder takes)."""
+    if latent["norm"] == "scale":
+        return x / latent["scale"] + latent["shift"]
+    mean, std = (torch.tensor(latent[k], device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for k in ("mean", "std"))
+    return x * std + mean

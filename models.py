@@ -6,13 +6,15 @@ Rooms, in order:
      PatchGAN discriminator
   3. the EQ-VAE spatial transforms tau (paper Eq. 2 and 6), the equivariance error (App. C.3),
      PSNR and LPIPS (used by training and evaluation alike)
-  4. checkpoint formats: LDM/taming .ckpt, diffusers folders and state dicts, our own format,
-     weights by name, diffusers export
-  5. registries: AE_configs, PRETRAINED_AUTOENCODERS
+  4. DiT / SiT: embedders, adaLN-Zero blocks, the backbone with classifier-free guidance
+  5. checkpoint formats: LDM/taming .ckpt, diffusers folders and state dicts, our own format,
+     weights by name, diffusers export; generator checkpoints (ours and the released DiT/SiT)
+  6. registries: AE_configs, PRETRAINED_AUTOENCODERS, DiT_models, SiT_models, PRETRAINED_GENERATORS
 
 Parameter names follow the LDM / taming checkpoint layout (`encoder.down.0.block.0.norm1.weight`,
 `encoder.mid.attn_1.q.weight`, `quant_conv.weight`, `quantize.embedding.weight`), so the official
-LDM, taming and EQ-VAE `.ckpt` files load without conversion; diffusers names are converted.
+LDM, taming and EQ-VAE `.ckpt` files load without conversion; diffusers names are converted. The
+generators use the official DiT names (`x_embedder.proj.weight`, `blocks.0.adaLN_modulation.1.weight`).
 """
 import json
 import math
@@ -543,7 +545,218 @@ def load_lpips(random_backbone=False):
     return net.eval().requires_grad_(False)
 
 
-# ============================================================================= 4. checkpoint formats
+# ============================================================================= 4. DiT / SiT
+# Peebles and Xie 2023 (DiT) and Ma et al. 2024 (SiT, the same network fed continuous time).
+# Parameter names and initialisation follow the official code, so the released checkpoints load
+# strictly by name; attention is SDPA instead of timm's.
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, per sample; x (N, T, D), shift/scale (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """GLIDE's sinusoidal embedding, cosines first; t may be fractional (SiT) or integer (DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row, the null class `num_classes`, that label dropout (and
+    the unconditional half of classifier-free guidance) uses."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            if force_drop_ids is None:
+                drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            else:
+                drop = force_drop_ids == 1
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with T = (H / p) * (W / p): one strided conv (timm's PatchEmbed)."""
+
+    def __init__(self, input_size, patch_size, in_channels, embed_dim):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (qkv, proj), through SDPA."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (N, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # DiT's tanh-approximated GELU
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: the conditioning regresses shift, scale and a gate for attention and MLP."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """MAE's fixed 2-D sin-cos table, (grid_size^2, dim): first half of the channels encodes the
+    column (x) coordinate, second half the row; in each half sines, then cosines."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = pos.reshape(-1)[:, None] * omega[None]  # (T, d/2)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    return torch.cat([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], dim=1).float()
+
+
+class DiT(nn.Module):
+    """The DiT backbone. `family="sit"` is SiT's variant of the same network: its forward drops the
+    learned-sigma half of the output (SiT keeps `learn_sigma` only so its checkpoint's shapes load).
+
+    forward(x, t, y): x (N, C, H, W) latents, t (N,) timesteps (DiT: integers 0..999; SiT:
+    continuous), y (N,) labels in [0, num_classes]; num_classes is the null class.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, family="dit"):
+        super().__init__()
+        if family not in ("dit", "sit"):
+            raise ValueError(f"family {family!r}: use dit or sit")
+        if input_size % patch_size:
+            raise ValueError(f"latent size {input_size} is not a multiple of the patch size {patch_size}")
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+                           num_classes=num_classes, learn_sigma=learn_sigma, family=family)
+        self.learn_sigma, self.family = learn_sigma, family
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size, self.num_heads = patch_size, num_heads
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # a frozen parameter, not a buffer: the official checkpoints carry it under this name
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's initialisation: xavier linears, adaLN-Zero (zeroed modulation and output layer)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], int(self.x_embedder.num_patches ** 0.5))[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv initialised like a linear layer
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
+        if self.family == "sit" and self.learn_sigma:
+            x = x[:, : self.in_channels]
+        return x
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=None):
+        """Classifier-free guidance in one batch. The first half of x/t/y is conditional, the second
+        half the same inputs with the null label; both halves of the output get
+        uncond + cfg_scale * (cond - uncond) on the first `cfg_channels` channels (default: every
+        predicted latent channel); the other channels (the learned variance) stay as predicted.
+        The official DiT and SiT guide 3 of 4 channels: cfg_channels=3 reproduces them."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        k = self.in_channels if cfg_channels is None else cfg_channels
+        guided, rest = out[:, :k], out[:, k:]
+        cond, uncond = guided.chunk(2)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+# ============================================================================= 5. checkpoint formats
 
 FORMAT_TAG = "eqvae-autoencoder"
 
@@ -856,6 +1069,76 @@ def save_autoencoder(model, path, extras=None):
                            "state_dict": model.state_dict(), "extras": extras or {}}, path)
 
 
+# --- generators (DiT / SiT) -----------------------------------------------------------------------
+
+GENERATOR_FORMAT = "eqvae-generator"
+
+
+def build_generator(name, **kwargs):
+    """A DiT_models / SiT_models entry by name, e.g. build_generator("DiT-XL/2", input_size=32)."""
+    registry = {**DiT_models, **SiT_models}
+    if name not in registry:
+        raise ValueError(f"unknown model {name!r}: choose from {', '.join(registry)}")
+    return registry[name](**kwargs)
+
+
+def released_recipe(name, image_size, vae="sd-vae-ft-ema"):
+    """How the official DiT/SiT code trains and samples a network of this family: DDPM (DiT) or a
+    linear velocity interpolant fed SiT's time (SiT), SD-VAE latents times 0.18215."""
+    if name.startswith("SiT"):
+        objective = dict(kind="transport", path="linear", prediction="velocity", time_input="sit")
+    else:
+        objective = dict(kind="diffusion", num_timesteps=1000)
+    return dict(model=name, image_size=image_size, objective=objective, class_names=None,
+                latent=dict(vae=vae, vae_hash=None, norm="scale", scale=0.18215, shift=0.0))
+
+
+def _config_from_generator_state(sd):
+    """input_size, in_channels, learn_sigma and num_classes of an official DiT/SiT state dict."""
+    patch = sd["x_embedder.proj.weight"].shape[-1]
+    in_channels = sd["x_embedder.proj.weight"].shape[1]
+    grid = math.isqrt(sd["pos_embed"].shape[1])
+    out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    return dict(input_size=grid * patch, in_channels=in_channels, learn_sigma=out == 2 * in_channels, num_classes=rows - 1)
+
+
+def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
+    """-> (network, recipe). spec: a PRETRAINED_GENERATORS name (downloaded once into the cache),
+    a train_dit.py checkpoint (architecture, objective and latent normalisation are stored in it;
+    its EMA weights unless use_ema=False), or an official DiT/SiT `.pt` (bare state dict or
+    {"model", "ema", ...}), which needs `model_name` and gets the official recipe."""
+    spec = str(spec)
+    if spec in PRETRAINED_GENERATORS:
+        entry = PRETRAINED_GENERATORS[spec]
+        path = utils.download(entry["url"], os.path.join("generators", entry["filename"]))
+        sd = utils.load_checkpoint(path, trust_checkpoint)
+        model_name, recipe = entry["model"], released_recipe(entry["model"], entry["image_size"])
+        model = build_generator(model_name, input_size=entry["image_size"] // 8, num_classes=1000, learn_sigma=True)
+    elif os.path.isfile(spec):
+        obj = utils.load_checkpoint(spec, trust_checkpoint)
+        if isinstance(obj, dict) and "generator" in obj:  # ours: rebuild without being told
+            recipe = obj["generator"]
+            if model_name and model_name != recipe["model"]:
+                raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: drop --model")
+            model = DiT(**recipe["config"])
+            sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
+        else:
+            sd = obj.get("ema", obj) if isinstance(obj, dict) else obj
+            if not isinstance(sd, dict) or "pos_embed" not in sd:
+                raise ValueError(f"{spec} is neither a train_dit.py checkpoint nor an official DiT/SiT state dict")
+            if model_name is None:
+                raise ValueError(f"{spec} is an official DiT/SiT state dict without an architecture: pass --model "
+                                 f"(e.g. DiT-XL/2 or SiT-XL/2)")
+            config = _config_from_generator_state(sd)
+            model = build_generator(model_name, **config)
+            recipe = released_recipe(model_name, config["input_size"] * 8)
+    else:
+        raise FileNotFoundError(f"generator {spec!r} is neither a file nor a known name ({', '.join(PRETRAINED_GENERATORS)})")
+    _load_strict(model, sd, spec)
+    return model, recipe
+
+
 def fetch_pretrained(name):
     """Download a named autoencoder into the cache dir once; returns a local file or folder."""
     entry = PRETRAINED_AUTOENCODERS[name]
@@ -883,7 +1166,7 @@ def fetch_pretrained(name):
     return utils.download(entry["url"], os.path.join(name, entry["filename"]))
 
 
-# ============================================================================= 5. registries
+# ============================================================================= 6. registries
 
 # Architectures (LDM configs). `tiny`/`tiny-vq` are for CPU tests and the demo.
 AE_configs = {
@@ -913,4 +1196,32 @@ PRETRAINED_AUTOENCODERS = {
     "kl-f16": dict(format="ldm-zip", url="https://ommer-lab.com/files/latent-diffusion/kl-f16.zip"),
     "vq-f16-1024": dict(format="ckpt", url="https://heibox.uni-heidelberg.de/f/140747ba53464f49b476/?dl=1",
                         filename="last.ckpt"),
+}
+
+
+# DiT sizes (depth, hidden size, heads) from the DiT paper; T is ours, for CPU tests and the demo.
+DIT_SIZES = {"T": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def _generator_constructor(size, patch, family):
+    depth, hidden, heads = DIT_SIZES[size]
+
+    def constructor(**kwargs):  # called like the official registries: DiT_models["DiT-XL/2"](input_size=32, ...)
+        return DiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, family=family, **kwargs)
+    return constructor
+
+
+# patch 1 is not in the official registries; the paper uses DiT-B/1 on 16x16 latents (Table 1)
+DiT_models = {f"DiT-{s}/{p}": _generator_constructor(s, p, "dit") for s in DIT_SIZES for p in (1, 2, 4, 8)}
+SiT_models = {f"SiT-{s}/{p}": _generator_constructor(s, p, "sit") for s in DIT_SIZES for p in (1, 2, 4, 8)}
+
+# Released generators: the EMA weights as a bare state dict, trained on SD-VAE-FT-EMA latents x 0.18215
+PRETRAINED_GENERATORS = {
+    "DiT-XL/2-256": dict(model="DiT-XL/2", image_size=256, filename="DiT-XL-2-256x256.pt",
+                         url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
+    "DiT-XL/2-512": dict(model="DiT-XL/2", image_size=512, filename="DiT-XL-2-512x512.pt",
+                         url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"),
+    "SiT-XL/2-256": dict(model="SiT-XL/2", image_size=256, filename="SiT-XL-2-256x256.pt",
+                         url="https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+                             "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"),
 }

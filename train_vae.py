@@ -15,11 +15,9 @@ import copy
 import os
 import random
 import shutil
-import signal
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import save_image
@@ -190,7 +188,7 @@ def main(args):
     # models first, so a bad checkpoint or data path fails before anything is written. A resumed
     # run rebuilds the architecture from its checkpoint; otherwise --vae gives the starting weights.
     notes = []
-    resume_path = resolve_resume(args.resume) if args.resume else None
+    resume_path = utils.resolve_resume(args.resume) if args.resume else None
     try:
         if resume_path:
             resume_ckpt = utils.load_checkpoint(resume_path, args.trust_checkpoint)
@@ -248,10 +246,10 @@ def main(args):
 
     # run folder: a resumed run continues in its own folder
     if resume_path:
-        ckpt_folder = os.path.dirname(os.path.abspath(resume_path))
-        run_dir = args.run_dir or (os.path.dirname(ckpt_folder) if os.path.basename(ckpt_folder) == "checkpoints" else ckpt_folder)
+        run_dir = args.run_dir or utils.run_dir_of(resume_path)
     else:
-        run_dir = args.run_dir or make_run_dir(args.results_dir, args)
+        vae_name = os.path.basename(str(args.vae).rstrip("/"))
+        run_dir = args.run_dir or utils.make_run_dir(args.results_dir, f"{vae_name}-{args.eq_mode}")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -319,28 +317,18 @@ def main(args):
     else:
         ae_ddp, disc_ddp = ae, disc
 
-    def save(name):
-        states = [None] * world_size
-        local = dict(utils.rng_state(), step_rng=rng.getstate())
-        if world_size > 1:
-            dist.all_gather_object(states, local)
-        else:
-            states = [local]
-        if rank == 0:
-            utils.save_checkpoint({
-                "model": ae.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "discriminator": disc.state_dict(), "logvar": logvar.detach().cpu() if kind == "kl" else None,
-                "opt": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(),
-                "scaler": scaler_ae.state_dict(), "scaler_disc": scaler_disc.state_dict(),
-                "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
-                "autoencoder_config": dict(ae.config), "rng": states,
-            }, os.path.join(ckpt_dir, name))
-        utils.barrier()
+    def save():
+        utils.save_step({
+            "model": ae.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "discriminator": disc.state_dict(), "logvar": logvar.detach().cpu() if kind == "kl" else None,
+            "opt": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(),
+            "scaler": scaler_ae.state_dict(), "scaler_disc": scaler_disc.state_dict(),
+            "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
+            "autoencoder_config": dict(ae.config),
+        }, ckpt_dir, step, dict(utils.rng_state(), step_rng=rng.getstate()))
 
     # training loop; SIGTERM/SIGINT finish the current step, save and exit cleanly
-    stop = {"requested": False}
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.update(requested=True))
-                         for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = utils.StopSignal()
     sums, count, t0 = {}, 0, time.time()
     while step < max_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -395,16 +383,13 @@ def main(args):
                 step_terms["eq_steps"] = step_terms.get("eq_steps", 0.0) + float(step_kind == "eq") / args.grad_accum
             # NaN/inf check and stop request in one small all-reduce per step (the loss lives on the
             # device, so this is the step's only host sync; a bad step is never applied or saved)
-            finite = torch.isfinite(torch.stack([step_terms["loss"], step_terms.get("d", step_terms["loss"])])).all()
-            flags = torch.stack([(~finite).float(), torch.tensor(float(stop["requested"]), device=device)])
-            if world_size > 1:
-                dist.all_reduce(flags)
-            nonfinite, stop_now = flags.tolist()
+            nonfinite, stop_now = utils.step_flags([step_terms["loss"], step_terms.get("d", step_terms["loss"])],
+                                                   stop.requested, device)
             if nonfinite:
                 logger.info(f"non-finite loss at step {step}: stopping without applying it; the last good "
                             f"checkpoint in {ckpt_dir} is kept. Lower the lr or use --precision fp32, then --resume.")
                 logger.close()
-                restore_handlers(previous_handlers)
+                stop.close()
                 utils.cleanup()
                 raise SystemExit(3)
             scaler_ae.unscale_(opt_ae)
@@ -441,20 +426,13 @@ def main(args):
                     logger.metrics(step, {f"eval/{k}": v for k, v in metrics.items()})
                     save_figure2(target_model, eval_x[:4], os.path.join(run_dir, f"figure2-{step:07d}.png"), args)
                 utils.barrier()
-            if step % args.ckpt_every == 0 or step == max_steps:
-                save(f"{step:07d}.pt")
-                if rank == 0:  # latest.pt: a hard link to the newest checkpoint, swapped in atomically
-                    tmp = os.path.join(ckpt_dir, ".latest.tmp")
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
-                    os.link(os.path.join(ckpt_dir, f"{step:07d}.pt"), tmp)
-                    os.replace(tmp, os.path.join(ckpt_dir, "latest.pt"))
+            if step % args.ckpt_every == 0 or step == max_steps or stop_now:
+                save()
             if stop_now:
-                save("latest.pt")
                 logger.info(f"stop requested (SIGTERM/SIGINT): saved {ckpt_dir}/latest.pt at step {step}; "
                             f"continue with --resume {ckpt_dir}/latest.pt")
                 logger.close()
-                restore_handlers(previous_handlers)
+                stop.close()
                 utils.cleanup()
                 raise SystemExit(0)  # a clean stop; also ends --preset demo, which would otherwise go on
 
@@ -469,36 +447,10 @@ def main(args):
             logger.info(f"exported diffusers folder {args.export_diffusers}")
         logger.info(f"done: {run_dir}/autoencoder.pt")
     logger.close()
-    restore_handlers(previous_handlers)
+    stop.close()
     utils.barrier()
     utils.cleanup()
     return run_dir
-
-
-def restore_handlers(handlers):
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
-def make_run_dir(results_dir, args):
-    """results/NNN-<vae>-<eq-mode>: numbered like DiT's experiment folders."""
-    os.makedirs(results_dir, exist_ok=True)
-    existing = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()]
-    name = os.path.basename(str(args.vae).rstrip("/")).replace(":", "-").replace(".", "_")
-    run_dir = os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{name}-{args.eq_mode}")
-    if dist.is_available() and dist.is_initialized():  # every rank must agree on the folder
-        holder = [run_dir]
-        dist.broadcast_object_list(holder, src=0)
-        run_dir = holder[0]
-    return run_dir
-
-
-def resolve_resume(path):
-    """--resume takes a checkpoint, a run folder, or its checkpoints/ folder (then latest.pt)."""
-    for candidate in (path, os.path.join(path, "latest.pt"), os.path.join(path, "checkpoints", "latest.pt")):
-        if os.path.isfile(candidate):
-            return candidate
-    utils.fail(f"--resume {path}: no checkpoint there (looked for the file, latest.pt and checkpoints/latest.pt)")
 
 
 def check_args(args, world_size):

@@ -1,11 +1,13 @@
 """Helpers every script shares and that drift when copied.
 
 Rooms: distributed setup/cleanup, rank-0 logging, EMA, checkpoint I/O (atomic save,
-weights_only load, RNG state), the weight download cache.
+weights_only load, RNG state), training runs (run folders, resume, stop signals, step checks,
+labelled image grids), the weight download cache.
 """
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -63,6 +65,24 @@ def all_reduce_mean(values, device):
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object on every rank."""
+    if dist.is_available() and dist.is_initialized():
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return obj
+
+
+def gather_object(obj):
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def print0(*args, **kwargs):
@@ -196,6 +216,102 @@ def load_checkpoint(path, trust_checkpoint=False):
                 f"If you trust the file's origin, pass --trust-checkpoint to unpickle it fully."
             ) from None
         raise RuntimeError(f"could not read checkpoint {path}: {e}. The file may be truncated or corrupt.") from None
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def make_run_dir(results_dir, name):
+    """results/NNN-name, numbered like DiT's experiment folders; every rank gets rank 0's choice."""
+    if is_main():
+        os.makedirs(results_dir, exist_ok=True)
+    existing = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()] if is_main() else []
+    safe = name.replace("/", "-").replace(":", "-").replace(".", "_")
+    return broadcast_object(os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{safe}"))
+
+
+def resolve_resume(path):
+    """--resume takes a checkpoint, a run folder, or its checkpoints/ folder (then latest.pt)."""
+    for candidate in (path, os.path.join(path, "latest.pt"), os.path.join(path, "checkpoints", "latest.pt")):
+        if os.path.isfile(candidate):
+            return candidate
+    fail(f"--resume {path}: no checkpoint there (looked for the file, latest.pt and checkpoints/latest.pt)")
+
+
+def run_dir_of(checkpoint_path):
+    """The run folder a checkpoint belongs to: the parent of checkpoints/, else its own folder."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
+def save_step(payload, ckpt_dir, step, local_rng):
+    """Save checkpoints/NNNNNNN.pt with every rank's RNG state (gathered: call on all ranks) and
+    point latest.pt at it atomically (a hard link swapped in with a rename)."""
+    states = gather_object(local_rng)
+    if is_main():
+        name = os.path.join(ckpt_dir, f"{step:07d}.pt")
+        save_checkpoint({**payload, "rng": states}, name)
+        tmp = os.path.join(ckpt_dir, ".latest.tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        os.link(name, tmp)
+        os.replace(tmp, os.path.join(ckpt_dir, "latest.pt"))
+    barrier()
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set `requested` instead of killing the process, so the loop can finish its
+    step, save and exit; `close()` restores the previous handlers."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def step_flags(loss_values, stop_requested, device):
+    """(non-finite loss on any rank, stop requested on any rank) in one small all-reduce: the
+    step's only host sync, and a bad step is never applied."""
+    finite = torch.isfinite(torch.stack([v.float() for v in loss_values])).all()
+    flags = torch.stack([(~finite).float(), torch.tensor(float(stop_requested), device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags)
+    nonfinite, stop = flags.tolist()
+    return bool(nonfinite), bool(stop)
+
+
+def save_labelled_grid(columns, labels, path, min_size=128):
+    """One PNG: a column per (N, 3, H, W) tensor in [0, 1] (all the same size), a row per image, under
+    a header naming each column (labels may hold one line break). Images smaller than min_size
+    pixels are enlarged by an integer factor with nearest neighbours, so pixels stay visible."""
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+
+    cells = torch.stack([c.float().cpu().clamp(0, 1) for c in columns], 1).flatten(0, 1)  # (N*cols, 3, H, W)
+    factor = max(1, min_size // cells.shape[-1])
+    if factor > 1:
+        cells = F.interpolate(cells, scale_factor=factor, mode="nearest")
+    grid = make_grid(cells, nrow=len(columns), padding=2, pad_value=1.0)
+    body = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    lines = max(len(label.split("\n")) for label in labels)
+    header = 12 * lines + 4
+    canvas = Image.new("RGB", (body.width, body.height + header), "white")
+    canvas.paste(body, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    cell_w = cells.shape[-1] + 2
+    max_chars = max(4, cell_w // 6)
+    for j, label in enumerate(labels):
+        for i, line in enumerate(label.split("\n")):
+            line = line if len(line) <= max_chars else ".." + line[-(max_chars - 2):]
+            draw.text((4 + j * cell_w, 2 + 12 * i), line, fill=(0, 0, 0))
+    canvas.save(path)
 
 
 # ----------------------------------------------------------------------------- weight cache

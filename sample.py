@@ -1,0 +1,240 @@
+"""Sampling from a trained DiT/SiT (ours or a released one) to a PNG grid or an ADM `.npz`.
+
+Sample i's label and noise depend only on --global-seed and i, so the same N images come out on
+any number of processes. Finished chunks are kept in --sample-dir, so an interrupted run resumes;
+the end result is DIR/samples.npz (arr_0: uint8 NHWC images, arr_1: labels), which
+`evaluate.py gen --sample DIR/samples.npz` scores. Images are made uint8 by rounding
+(127.5 x + 128, clamped, then truncated: DiT's conversion).
+
+  CPU smoke:  python sample.py --preset tiny --ckpt results/000-DiT-T-2-diffusion/checkpoints/latest.pt
+  one GPU:    python sample.py --ckpt DiT-XL/2-256 --cfg-scale 1.5 --cfg-channels 3 --sample-dir samples/dit-xl
+  8 GPUs:     torchrun --nproc_per_node=8 sample.py --ckpt results/003-SiT-XL-2-transport/checkpoints/latest.pt \\
+                  --sampler sde --num-steps 250 --num-samples 50000 --sample-dir samples/sit-xl
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import diffusion
+import models
+import utils
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def labels_for(indices, args, num_classes, noise):
+    """Uniform labels from each sample's own stream, or index mod num_classes (--class-balanced)."""
+    if args.class_balanced:
+        return torch.tensor([i % num_classes for i in indices], device=noise.device)
+    return noise.labels(num_classes)
+
+
+@torch.no_grad()
+def sample_batch(model, objective, ae, recipe, indices, y, args, device, autocast):
+    """uint8 (N, H, W, 3) images for these sample indices and labels."""
+    noise = diffusion.SampleNoise(args.global_seed, indices, device)
+    if y is None:
+        y = labels_for(indices, args, model.num_classes, noise)
+    with torch.autocast(**autocast):
+        z = diffusion.generate(model, objective, noise, y, args.sampler, args.num_steps, args.cfg_scale, args.cfg_channels,
+                               args.guidance_low, args.guidance_high)
+    images = ae.decode(data.denormalize_latents(z.float(), recipe["latent"]))
+    return models.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy(), y.cpu().numpy()
+
+
+def chunk_files(folder):
+    """{(start, end): path} of the finished chunks in folder."""
+    found = {}
+    for name in os.listdir(folder):
+        if name.startswith("chunk-") and name.endswith(".npz"):
+            start, end = name[len("chunk-"):-len(".npz")].split("-")
+            found[(int(start), int(end))] = os.path.join(folder, name)
+    return found
+
+
+def todo_chunks(num_samples, done, batch_size):
+    """Runs of at most batch_size consecutive indices that no finished chunk covers."""
+    covered = np.zeros(num_samples, dtype=bool)
+    for start, end in done:
+        covered[start:end] = True
+    chunks, i = [], 0
+    while i < num_samples:
+        if covered[i]:
+            i += 1
+            continue
+        j = i
+        while j < num_samples and not covered[j] and j - i < batch_size:
+            j += 1
+        chunks.append((i, j))
+        i = j
+    return chunks
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    rank, world_size, device = utils.setup_distributed()
+    torch.set_grad_enabled(False)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    # the generator and its recipe (architecture, objective, latent normalisation, autoencoder)
+    try:
+        model, recipe = models.load_generator(args.ckpt, args.model, args.trust_checkpoint, use_ema=args.ema)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        utils.fail(f"--ckpt {args.ckpt}: {str(e).strip(chr(34) + chr(39))}")
+    model.to(device).eval()
+    objective = diffusion.make_objective(recipe["objective"], model)
+    args.sampler = args.sampler or diffusion.default_sampler(recipe["objective"])
+    if (recipe["objective"]["kind"] == "diffusion") != (args.sampler in ("ddpm", "ddim")):
+        utils.fail(f"--sampler {args.sampler} does not fit this {recipe['objective']['kind']} model "
+                   f"(diffusion: ddpm, ddim; transport: euler, heun, sde)")
+    if args.class_labels and any(not 0 <= c < model.num_classes for c in args.class_labels):
+        utils.fail(f"--class-labels must lie in [0, {model.num_classes - 1}]")
+    vae = args.vae or recipe["latent"]["vae"]
+    try:
+        ae = models.load_autoencoder(vae, args.trust_checkpoint).to(device).eval()
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        utils.fail(f"autoencoder {vae} ({'--vae' if args.vae else 'recorded with the model; override with --vae'}): "
+                   f"{str(e).strip(chr(34) + chr(39))}")
+    if recipe["latent"].get("vae_hash") and args.vae is None and data.weights_hash(ae) != recipe["latent"]["vae_hash"]:
+        utils.fail(f"the autoencoder at {vae} is not the one the model was trained with (weights hash differs): pass --vae")
+    os.makedirs(args.sample_dir, exist_ok=True) if rank == 0 else None
+    utils.barrier()
+    settings = dict(ckpt=args.ckpt, ema=args.ema, vae=vae, sampler=args.sampler, num_steps=args.num_steps,
+                    cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels, guidance_low=args.guidance_low,
+                    guidance_high=args.guidance_high, global_seed=args.global_seed, precision=args.precision)
+    utils.print0(f"{recipe['model']} ({recipe['objective']['kind']}) from {args.ckpt}, {args.sampler} {args.num_steps} "
+                 f"steps, cfg {args.cfg_scale}" + (f" on {args.cfg_channels} channels" if args.cfg_channels else "")
+                 + (f", guidance interval [{args.guidance_low}, {args.guidance_high}]" if args.cfg_scale != 1 else "")
+                 + f"; decoding with {vae}; {world_size} process(es)")
+
+    # a grid of chosen classes (DiT's sample.py), one column per label
+    if args.class_labels:
+        columns = []
+        for c in args.class_labels:
+            indices = [c * args.grid_rows + r for r in range(args.grid_rows)]
+            images, _ = sample_batch(model, objective, ae, recipe, indices, torch.full((len(indices),), c, device=device),
+                                     args, device, autocast)
+            columns.append(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+        path = os.path.join(args.sample_dir, "grid.png")
+        if rank == 0:
+            names = recipe.get("class_names") or [str(c) for c in range(model.num_classes)]
+            utils.save_labelled_grid(columns, [names[c] for c in args.class_labels], path)
+            print(f"saved {path}", flush=True)
+        utils.cleanup()
+        return path
+
+    # N samples in chunks spread over the ranks; finished chunks are kept (resumable)
+    settings.update(num_samples=args.num_samples, class_balanced=args.class_balanced)
+    settings_path = os.path.join(args.sample_dir, "settings.json")
+    out_path = os.path.join(args.sample_dir, "samples.npz")
+    if rank == 0:
+        if os.path.isfile(settings_path):
+            with open(settings_path) as f:
+                previous = json.load(f)
+            diffs = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in settings.items() if previous.get(k) != v]
+            if diffs:
+                utils.fail(f"--sample-dir {args.sample_dir} holds samples made with other settings ({'; '.join(diffs)}): "
+                           f"choose another --sample-dir")
+        else:
+            utils.write_json(settings_path, settings)
+    utils.barrier()
+    if not os.path.isfile(out_path):
+        chunks = todo_chunks(args.num_samples, chunk_files(args.sample_dir), args.per_proc_batch_size)
+        mine = chunks[rank::world_size]
+        for start, end in tqdm(mine, desc="sampling", disable=rank != 0):
+            images, labels = sample_batch(model, objective, ae, recipe, list(range(start, end)), None, args, device, autocast)
+            tmp = os.path.join(args.sample_dir, f".chunk-{start:07d}-{end:07d}.tmp.npz")
+            np.savez(tmp, arr_0=images, arr_1=labels)
+            os.replace(tmp, os.path.join(args.sample_dir, f"chunk-{start:07d}-{end:07d}.npz"))
+        utils.barrier()
+        if rank == 0:
+            done = sorted(chunk_files(args.sample_dir).items())
+            if todo_chunks(args.num_samples, [k for k, _ in done], args.num_samples):
+                utils.fail(f"{args.sample_dir}: some samples are missing after sampling; run the command again to finish")
+            parts = [np.load(path) for _, path in done]
+            images = np.concatenate([p["arr_0"] for p in parts])
+            labels = np.concatenate([p["arr_1"] for p in parts])
+            tmp = out_path + ".tmp.npz"
+            np.savez(tmp, arr_0=images, arr_1=labels)
+            os.replace(tmp, out_path)
+            for _, path in done:
+                os.remove(path)
+            preview = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 255
+            from torchvision.utils import save_image
+
+            save_image(preview, os.path.join(args.sample_dir, "preview.png"), nrow=8, padding=2, pad_value=1.0)
+    if rank == 0:
+        print(f"{args.num_samples} samples in {out_path} (preview: {args.sample_dir}/preview.png)\nscore them with:\n"
+              f"  python evaluate.py gen --ref VIRTUAL_imagenet256_labeled.npz --sample {out_path}", flush=True)
+    utils.cleanup()
+    return out_path
+
+
+# ----------------------------------------------------------------------------- flags
+
+PRESETS = {
+    "tiny": dict(num_samples=8, per_proc_batch_size=4, num_steps=4, sample_dir="results/samples-tiny"),
+}
+SAMPLER_PRESETS = {
+    # REPA's FID setting (SDE, 250 steps, CFG 1.8 with the guidance interval up to 0.7)
+    "repa": dict(sampler="sde", num_steps=250, cfg_scale=1.8, guidance_high=0.7),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the model
+    p.add_argument("--ckpt", required=True, help="a train_dit.py checkpoint, a released name (" + ", ".join(models.PRETRAINED_GENERATORS)
+                   + "), or an official DiT/SiT .pt (with --model)")
+    p.add_argument("--model", choices=list(models.DiT_models) + list(models.SiT_models), default=None,
+                   help="architecture of an official .pt file (ours and the released names carry it)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="our checkpoints: EMA weights (default) or raw")
+    p.add_argument("--vae", default=None, help="decoder (default: the autoencoder recorded with the model)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of checkpoints you trust")
+    # the sampler
+    p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
+                   help="ddpm (DiT's), ddim: diffusion models; euler, heun (ODE), sde (Euler-Maruyama, SiT's FID setting): "
+                        "transport models (default: ddpm or sde)")
+    p.add_argument("--num-steps", type=int, default=250, help="sampling steps (DiT and SiT: 250)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 disables (the paper's tables: 1)")
+    p.add_argument("--cfg-channels", type=int, default=None,
+                   help="guide only the first N latent channels; 3 reproduces the official DiT/SiT numbers (default: all)")
+    p.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start, t in [0, 1] with 1 = noise")
+    p.add_argument("--guidance-high", type=float, default=1.0, help="guidance interval end (REPA's FID setting: 0.7)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network precision (the official numbers: fp32)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU (DiT's default)")
+    # what to produce
+    p.add_argument("--num-samples", type=int, default=50_000, help="images in samples.npz (the ADM protocol: 50000)")
+    p.add_argument("--class-balanced", action=argparse.BooleanOptionalAction, default=False,
+                   help="label i = i mod num_classes (N / num_classes per class) instead of uniform random labels")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None, help="only a labelled grid of these classes (no .npz)")
+    p.add_argument("--grid-rows", type=int, default=1, help="samples per class in the --class-labels grid")
+    p.add_argument("--per-proc-batch-size", type=int, default=32, help="images per forward, per process")
+    p.add_argument("--global-seed", type=int, default=0, help="seed: sample i's label and noise depend on it and i only")
+    p.add_argument("--sample-dir", default="samples", help="output folder (samples.npz, preview.png, grid.png)")
+    p.add_argument("--preset", choices=sorted({**PRESETS, **SAMPLER_PRESETS}), default=None,
+                   help="tiny: CPU smoke run; repa: REPA's SDE 250-step, CFG 1.8, interval [0, 0.7] FID setting")
+    args = p.parse_args(argv)
+    if args.preset:
+        p.set_defaults(**{**PRESETS, **SAMPLER_PRESETS}[args.preset])
+        args = p.parse_args(argv)  # flags given on the command line still win over the preset
+    for flag in ("num_samples", "per_proc_batch_size", "num_steps", "grid_rows"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be a positive integer")
+    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
+        p.error("the guidance interval needs 0 <= --guidance-low <= --guidance-high <= 1")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,426 @@
+"""DiT and SiT training on cached autoencoder latents (Peebles and Xie 2023; Ma et al. 2024).
+
+The first run with --data-path and --vae encodes the dataset into --latents (ADM center crop, each
+image and its flip, posterior mean and std); every step then samples z ~ q(z|x) from the stored
+posterior, normalises it, and trains the network with DDPM's loss (--objective diffusion, DiT) or
+SiT's interpolant loss (--objective transport).
+
+  CPU smoke:  python train_dit.py --preset tiny
+  one GPU:    python train_dit.py --model DiT-B/2 --data-path /data/imagenet/train --vae eq-vae-ema \\
+                  --latents /data/latents/eq-vae-ema-256 --max-steps 400000
+  8 GPUs:     torchrun --nproc_per_node=8 train_dit.py --model SiT-XL/2 --latents /data/latents/eq-vae-ema-256
+  the demo:   python train_dit.py --preset demo
+"""
+import argparse
+import copy
+import math
+import os
+import shutil
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import diffusion
+import models
+import utils
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def prepare_latents(args, device):
+    """The latent cache: build it when --data-path/--vae are given and --latents holds none, refuse
+    it when it was made by another autoencoder, image size or crop. Returns (meta, autoencoder or None)."""
+    meta = data.read_cache_meta(args.latents)
+    ae = None
+    if args.data_path is not None or meta is None:
+        if args.data_path is None or args.vae is None:
+            utils.fail(f"--latents {args.latents} holds no complete latent cache: pass --data-path and --vae to build it"
+                       if meta is None else "--data-path needs --vae, the autoencoder whose latents are cached "
+                       "(DiT and SiT used sd-vae-ft-ema)")
+        try:
+            ae = models.load_autoencoder(args.vae, args.trust_checkpoint).to(device).eval()
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            utils.fail(f"--vae {args.vae}: {str(e).strip(chr(34) + chr(39))}")
+        if ae.kind != "kl":
+            utils.fail(f"--vae {args.vae} is a VQ autoencoder: DiT/SiT need a continuous (KL) one; train MaskGIT on VQ tokens")
+        if args.image_size % ae.downsample_factor:
+            utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's factor {ae.downsample_factor}")
+        fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm")
+        try:
+            if meta is not None:
+                data.check_cache_matches(meta, fingerprint, args.latents)
+                return meta, ae
+            dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None)
+        except (OSError, ValueError, RuntimeError) as e:
+            utils.fail(str(e))
+        lat = args.image_size // ae.downsample_factor
+        vae_spec = args.vae
+        if vae_spec.startswith("scratch:"):  # random weights: keep them, or the latents could never be decoded
+            vae_spec = os.path.join(args.latents, "autoencoder.pt")
+            if utils.is_main():
+                os.makedirs(args.latents, exist_ok=True)
+                models.save_autoencoder(ae, vae_spec)
+        info = dict(vae=vae_spec, vae_scaling_factor=ae.scaling_factor, vae_shift_factor=ae.shift_factor,
+                    data_path=args.data_path)
+
+        @torch.no_grad()
+        def encode(x):
+            posterior = ae.encode(x)
+            return posterior.mean, posterior.std
+
+        try:
+            meta = data.build_latent_cache(args.latents, dataset, encode, fingerprint, (ae.latent_channels, lat, lat), info,
+                                           batch_size=args.cache_batch_size, num_workers=args.num_workers,
+                                           dtype=args.cache_dtype, device=device, shard_images=args.cache_shard_size)
+        except RuntimeError as e:
+            utils.fail(str(e))
+    return meta, ae
+
+
+def latent_recipe(args, meta):
+    """How the generator's inputs relate to the autoencoder's latents (stored with the model)."""
+    latent = dict(vae=meta["vae"], vae_hash=meta["vae_hash"], norm=args.latent_norm)
+    if args.latent_norm == "scale":
+        latent.update(scale=meta["vae_scaling_factor"], shift=meta["vae_shift_factor"])
+    else:
+        latent.update(mean=meta["channel_mean"], std=meta["channel_std"])
+    return latent
+
+
+def grid_labels(num_classes, columns=10):
+    """Up to `columns` classes spread evenly over the label range, one column each."""
+    cols = min(columns, num_classes)
+    return [round(i * num_classes / cols) for i in range(cols)]
+
+
+@torch.no_grad()
+def save_sample_grid(model, recipe, objective, ae, path, args, device):
+    """A fixed-noise, fixed-label grid from the EMA model: one column per class, --grid-rows rows."""
+    classes = grid_labels(model.num_classes)
+    y = torch.tensor([c for _ in range(args.grid_rows) for c in classes], device=device)
+    noise = diffusion.SampleNoise(args.global_seed, range(len(y)), device)
+    z = diffusion.generate(model, objective, noise, y, args.sampler, args.num_steps, args.cfg_scale)
+    images = (ae.decode(data.denormalize_latents(z.float(), recipe["latent"])).clamp(-1, 1) + 1) / 2
+    names = recipe["class_names"] or [str(c) for c in range(model.num_classes)]
+    columns = [images.view(args.grid_rows, len(classes), *images.shape[1:])[:, j] for j in range(len(classes))]
+    utils.save_labelled_grid(columns, [names[c] for c in classes], path)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    rank, world_size, device = utils.setup_distributed()
+    check_args(args, world_size)
+    utils.seed_everything(args.global_seed)  # identical initial weights on every rank
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32),
+                    enabled=precision != "fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # resume: the architecture, objective and data come from the checkpoint's arguments
+    resume_path = utils.resolve_resume(args.resume) if args.resume else None
+    resume_ckpt = None
+    if resume_path:
+        try:
+            resume_ckpt = utils.load_checkpoint(resume_path, args.trust_checkpoint)
+        except (OSError, RuntimeError) as e:
+            utils.fail(f"--resume {resume_path}: {e}")
+        saved = resume_ckpt["args"]
+        for key in ("model", "objective", "path_type", "prediction", "learn_sigma", "latent_norm", "image_size",
+                    "class_dropout_prob", "global_seed", "flip", "latent_sample"):
+            setattr(args, key, saved[key])
+        args.latents = args.latents or saved["latents"]
+        args.data_path = None  # the cache exists: never rebuilt on resume
+
+    # latents (built on first use), then the network, before anything is written
+    meta, ae = prepare_latents(args, device)
+    C, h, w = meta["latent_shape"]
+    objective_spec = (dict(kind="diffusion", num_timesteps=1000) if args.objective == "diffusion" else
+                      dict(kind="transport", path=args.path_type, prediction=args.prediction, time_input="sit"))
+    try:
+        model = models.build_generator(args.model, input_size=h, in_channels=C, num_classes=meta["num_classes"],
+                                       learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob)
+    except ValueError as e:
+        utils.fail(f"--model {args.model}: {e}")
+    recipe = dict(model=args.model, config=model.config, image_size=args.image_size, objective=objective_spec,
+                  latent=latent_recipe(args, meta), class_names=meta["class_names"])
+    notes = []
+    if args.init_from and resume_ckpt is None:
+        try:
+            start, _ = models.load_generator(args.init_from, args.model, args.trust_checkpoint)
+            model.load_state_dict(start.state_dict(), strict=True)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            utils.fail(f"--init-from {args.init_from} does not fit --model {args.model} on {C}x{h}x{w} latents with "
+                       f"{meta['num_classes']} classes: {str(e).strip(chr(34) + chr(39))}")
+        notes.append(f"starting weights from {args.init_from}")
+    objective = diffusion.make_objective(objective_spec, model)
+    if args.sample_every > 0 and ae is None and rank == 0:
+        try:
+            ae = models.load_autoencoder(args.vae or meta["vae"], args.trust_checkpoint).to(device).eval()
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            utils.fail(f"sample grids decode with the cache's autoencoder {args.vae or meta['vae']}, which failed to "
+                       f"load ({e}): pass --vae, or --sample-every 0")
+    dataset = data.LatentDataset(args.latents, flip=args.flip, seed=args.global_seed)
+
+    # run folder, logger, args.json
+    run_dir = args.run_dir or (utils.run_dir_of(resume_path) if resume_path else
+                               utils.make_run_dir(args.results_dir, f"{args.model}-{args.objective}"))
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        utils.write_json(os.path.join(run_dir, "args.json"), vars(args))
+    utils.barrier()
+    logger = utils.Logger(run_dir)
+    logger.info(f"run folder {run_dir}; world size {world_size}; device {device}; precision {precision}")
+    for note in notes:
+        logger.info(note)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"{args.model} ({num_params / 1e6:.2f}M parameters) on {C}x{h}x{w} latents of {meta['vae']}, "
+                f"{meta['num_classes']} classes; objective {args.objective}"
+                + (f" ({args.path_type} path, {args.prediction} prediction)" if args.objective == "transport" else "")
+                + f"; latent normalisation {args.latent_norm}: "
+                + (f"scale {recipe['latent']['scale']:.5g}" if args.latent_norm == "scale" else
+                   "per-channel mean " + ", ".join(f"{v:.3f}" for v in meta["channel_mean"]) + ", std "
+                   + ", ".join(f"{v:.3f}" for v in meta["channel_std"])))
+
+    # model, EMA (a copy of the initial weights, as DiT), optimizer
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # data: each rank reads its shard of one seeded permutation per epoch
+    per_rank = args.global_batch_size // world_size
+    steps_per_epoch = len(dataset) // world_size // per_rank
+    if steps_per_epoch == 0:
+        utils.fail(f"the cache holds {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
+    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    logger.info(f"{len(dataset)} cached images, {steps_per_epoch} steps per epoch, {max_steps} steps, "
+                f"global batch {args.global_batch_size}")
+
+    step = 0
+    utils.seed_everything(args.global_seed * world_size + rank)  # per-rank noise, t and label dropout
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        ema.load_state_dict(resume_ckpt["ema"])
+        opt.load_state_dict(resume_ckpt["opt"])
+        if scaler.is_enabled() and resume_ckpt.get("scaler"):
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        step = resume_ckpt["step"]
+        if len(resume_ckpt["rng"]) == world_size:
+            utils.set_rng_state(resume_ckpt["rng"][rank])
+        else:
+            logger.info(f"resuming with {world_size} processes from a {len(resume_ckpt['rng'])}-process run: RNG streams reseeded")
+            utils.seed_everything(args.global_seed * world_size + rank + 1_000_003 * step)
+        logger.info(f"resumed from {resume_path} at step {step}")
+    for group in opt.param_groups:
+        group["lr"] = args.lr  # the command line's lr wins over the checkpoint's
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    latent = recipe["latent"]
+
+    def save():
+        utils.save_step({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                         "args": vars(args), "generator": recipe}, ckpt_dir, step, utils.rng_state())
+
+    # training loop; SIGTERM/SIGINT finish the current step, save and exit
+    stop = utils.StopSignal()
+    sums, count, t0 = {}, 0, time.time()
+    try:
+        while step < max_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            dataset.epoch = epoch
+            order = data.epoch_indices(len(dataset), epoch, args.global_seed, rank, world_size)
+            order = order[offset * per_rank: steps_per_epoch * per_rank]
+            loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=args.num_workers,
+                                                 pin_memory=device.type == "cuda", drop_last=True,
+                                                 generator=torch.Generator().manual_seed(args.global_seed + epoch))
+            for moments, y in loader:
+                if step >= max_steps:
+                    break
+                moments, y = moments.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                mean, std = moments[:, 0], moments[:, 1]
+                z = mean + std * torch.randn_like(mean) if args.latent_sample else mean
+                x = data.normalize_latents(z, latent)
+                with torch.autocast(**autocast):
+                    loss = objective.training_losses(train_model, x, y)["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+                nonfinite, stop_now = utils.step_flags([loss.detach(), grad_norm], stop.requested, device)
+                if nonfinite:
+                    logger.info(f"non-finite loss or gradient at step {step}: stopping without applying it; the last "
+                                f"good checkpoint in {ckpt_dir} is kept. Lower --lr, set --grad-clip or use "
+                                f"--precision fp32, then --resume.")
+                    raise SystemExit(3)
+                scaler.step(opt)
+                scaler.update()
+                utils.update_ema(ema, model, args.ema_decay)
+                step += 1
+                for k, v in (("loss", loss.detach()), ("grad_norm", grad_norm.detach())):
+                    sums[k] = sums.get(k, 0.0) + v.float()
+                count += 1
+
+                if step % args.log_every == 0 or step == max_steps:
+                    means = utils.all_reduce_mean({k: float(v) / count for k, v in sums.items()}, device)
+                    dt = time.time() - t0
+                    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+                    record = {f"train/{k}": v for k, v in means.items()}
+                    record.update({"train/lr": args.lr, "train/steps_per_sec": count / dt,
+                                   "train/images_per_sec": count * args.global_batch_size / dt, "train/peak_mem_gb": peak})
+                    logger.info(f"step {step}/{max_steps} " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in record.items()))
+                    logger.metrics(step, record)
+                    sums, count, t0 = {}, 0, time.time()
+                if step % args.ckpt_every == 0 or step == max_steps or stop_now:
+                    save()
+                if args.sample_every > 0 and (step % args.sample_every == 0 or step == max_steps):
+                    if rank == 0:
+                        path = os.path.join(run_dir, f"samples-{step:07d}.png")
+                        save_sample_grid(ema, recipe, objective, ae, path, args, device)
+                        logger.info(f"sample grid {path}")
+                    utils.barrier()
+                if stop_now:
+                    logger.info(f"stop requested (SIGTERM/SIGINT): saved {ckpt_dir}/latest.pt at step {step}; "
+                                f"continue with --resume {run_dir}")
+                    raise SystemExit(0)
+        logger.info(f"done: {ckpt_dir}/latest.pt; sample with: python sample.py --ckpt {ckpt_dir}/latest.pt")
+    finally:
+        logger.close()
+        stop.close()
+        utils.cleanup()
+    return run_dir
+
+
+def check_args(args, world_size):
+    """Bad input fails here, before any model is built or any file written."""
+    if args.latents is None and args.resume is None:
+        utils.fail("--latents is required: the latent cache folder (built there from --data-path and --vae if empty)")
+    if args.data_path and not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
+        utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
+    if args.global_batch_size <= 0 or args.global_batch_size % world_size:
+        utils.fail(f"--global-batch-size {args.global_batch_size} must be positive and divisible by the {world_size} processes")
+    for flag in ("lr", "ema_decay", "class_dropout_prob", "grad_clip", "weight_decay"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0 or (flag in ("ema_decay", "class_dropout_prob") and value >= 1):
+            utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
+    for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size"):
+        if getattr(args, flag) <= 0:
+            utils.fail(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.objective is None:  # DiT trains with DDPM, SiT with the interpolant (the official recipes)
+        args.objective = "transport" if args.model.startswith("SiT") else "diffusion"
+    if args.sampler is None:
+        args.sampler = "ddim" if args.objective == "diffusion" else "euler"
+    if (args.objective == "diffusion") != (args.sampler in ("ddpm", "ddim")):
+        utils.fail(f"--sampler {args.sampler} does not fit --objective {args.objective} (diffusion: ddpm, ddim; "
+                   f"transport: euler, heun, sde)")
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def run_demo(args):
+    """The README demo: the autoencoder of `train_vae.py --preset demo` (trained first when missing),
+    its latents of builtin:shapes, and a small DiT whose sample grid shows the ten shape classes."""
+    if not os.path.isfile(args.vae):
+        import train_vae
+
+        print(f"demo: {args.vae} is missing, training it first (python train_vae.py --preset demo)", flush=True)
+        train_vae.run_demo(train_vae.parse_args(["--preset", "demo"]))
+    demo_dir = os.path.join(args.results_dir, "demo-dit")
+    if os.path.isdir(demo_dir):
+        shutil.rmtree(demo_dir)
+    run_dir = main(argparse.Namespace(**dict(vars(args), preset=None, run_dir=os.path.join(demo_dir, "run"),
+                                             latents=os.path.join(demo_dir, "latents"))))
+    grid = os.path.join(run_dir, f"samples-{args.max_steps:07d}.png")
+    shutil.copyfile(grid, os.path.join(demo_dir, "samples.png"))
+    print(f"\nDiT demo: {args.model} trained {args.max_steps} steps on {args.data_path} latents of {args.vae}\n"
+          f"samples (one column per class, EMA weights, {args.sampler} {args.num_steps} steps, cfg {args.cfg_scale}): "
+          f"{demo_dir}/samples.png", flush=True)
+
+
+# ----------------------------------------------------------------------------- flags
+
+PRESETS = {
+    # CPU smoke runs and tests: a random tiny autoencoder, a few steps of the smallest DiT
+    "tiny": dict(vae="scratch:tiny", data_path="builtin:shapes:32", image_size=32, model="DiT-T/2", global_batch_size=4,
+                 max_steps=4, log_every=2, ckpt_every=2, sample_every=4, num_steps=4, grid_rows=1, cache_batch_size=8,
+                 num_workers=0, results_dir="results"),
+    # the README demo (see run_demo)
+    "demo": dict(vae="results/demo/eq-vae/autoencoder.pt", data_path="builtin:shapes:10000", image_size=32,
+                 model="DiT-T/2", global_batch_size=32, max_steps=3000, lr=1e-3, ema_decay=0.999, log_every=250,
+                 ckpt_every=3000, sample_every=3000, num_steps=50, cfg_scale=4.0, grid_rows=4, cache_batch_size=64,
+                 num_workers=0, latent_norm="channel", results_dir="results"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data: the latent cache
+    p.add_argument("--latents", default=None, help="latent cache folder; built from --data-path and --vae when it holds none")
+    p.add_argument("--data-path", default=None, help="images to cache: a class-folder tree (ImageNet) or builtin:shapes[:N[:SEED]]")
+    p.add_argument("--vae", default=None, help="autoencoder whose latents are cached: a name, a path or scratch:CONFIG "
+                   "(DiT/SiT: sd-vae-ft-ema; EQ-VAE: eq-vae-ema or your train_vae.py output); later runs read it from the cache")
+    p.add_argument("--image-size", type=int, default=256, help="ADM center crop in pixels (paper: 256)")
+    p.add_argument("--cache-batch-size", type=int, default=32, help="images per encoder forward while caching, per process")
+    p.add_argument("--cache-shard-size", type=int, default=1000, help="images per cache shard file (each with its flip)")
+    p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16", help="storage of the posterior mean and std")
+    p.add_argument("--latent-sample", action=argparse.BooleanOptionalAction, default=True,
+                   help="z ~ q(z|x) from the stored mean and std at every step (DiT); --no-latent-sample trains on the mean")
+    p.add_argument("--latent-norm", choices=["scale", "channel"], default="scale",
+                   help="scale: (z - shift) x the autoencoder's scaling factor (0.18215 for SD-VAE, DiT's choice); "
+                        "channel: the cache's per-channel mean and std (for autoencoders without a published factor)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (the cached flipped copies)")
+    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of checkpoints you trust")
+    # model and objective
+    p.add_argument("--model", choices=list(models.DiT_models) + list(models.SiT_models), default="DiT-XL/2")
+    p.add_argument("--objective", choices=["diffusion", "transport"], default=None,
+                   help="diffusion: DDPM, epsilon prediction (DiT's default); transport: interpolant (SiT's default)")
+    p.add_argument("--path-type", choices=["linear", "gvp"], default="linear", help="transport path (SiT: linear)")
+    p.add_argument("--prediction", choices=["velocity", "noise", "score"], default="velocity", help="transport target (SiT: velocity)")
+    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
+                   help="predict the DDPM variance too (DiT: on; SiT keeps the channels and ignores them)")
+    p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance (0.1)")
+    p.add_argument("--init-from", default=None, help="starting weights: a released name (DiT-XL/2-256, ...) or a checkpoint")
+    p.add_argument("--resume", default=None, help="continue a run exactly: a checkpoint, or a run folder (uses latest.pt)")
+    # optimisation (DiT's recipe)
+    p.add_argument("--global-batch-size", type=int, default=256, help="images per step over all processes (256)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (1e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step (0.9999)")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 disables (DiT, SiT: off; REPA: 1.0)")
+    p.add_argument("--epochs", type=int, default=1400, help="passes over the cache (DiT: 1400)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs); the paper's curves: 400K")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network")
+    p.add_argument("--global-seed", type=int, default=0, help="seed of initialisation, data order, noise and sample grids")
+    # run folder, logging, checkpoints, sample grids
+    p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
+    p.add_argument("--run-dir", default=None, help="exact run folder (default: a new numbered folder under --results-dir)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines (averaged over the interval and ranks)")
+    p.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (plus one at the end)")
+    p.add_argument("--sample-every", type=int, default=10_000, help="steps between sample grids from the EMA model; 0 disables")
+    p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None, help="grid sampler (default: ddim for diffusion, euler for transport)")
+    p.add_argument("--num-steps", type=int, default=50, help="sampling steps of the grid")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the grid (SiT's logged samples: 4.0)")
+    p.add_argument("--grid-rows", type=int, default=2, help="samples per class in the grid")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="tiny: CPU smoke run; demo: the README demo")
+    args = p.parse_args(argv)
+    if args.preset:
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)  # flags given on the command line still win over the preset
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_demo(args) if args.preset == "demo" else main(args)
