@@ -131,10 +131,13 @@ def main(args):
         except (OSError, RuntimeError) as e:
             utils.fail(f"--resume {resume_path}: {e}")
         saved = resume_ckpt["args"]
-        for key in ("model", "objective", "path_type", "prediction", "learn_sigma", "latent_norm", "image_size",
-                    "class_dropout_prob", "global_seed", "flip", "latent_sample"):
-            setattr(args, key, saved[key])
-        args.latents = args.latents or saved["latents"]
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in FIXED_ON_RESUME
+                   if k in args.cli_flags and getattr(args, k) != saved[k]]
+        if changed:
+            utils.fail(f"--resume {resume_path} keeps its model, objective and data: remove {', '.join(changed)}")
+        for key, value in saved.items():  # flags not given now continue as the run was started
+            if key not in args.cli_flags and key not in ("resume", "run_dir", "preset", "cli_flags", "init_from", "vae"):
+                setattr(args, key, value)
         args.data_path = None  # the cache exists: never rebuilt on resume
 
     # latents (built on first use), then the network, before anything is written
@@ -349,6 +352,10 @@ def run_demo(args):
 
 # ----------------------------------------------------------------------------- flags
 
+# what a resumed run always takes from its checkpoint (anything else given on the command line wins)
+FIXED_ON_RESUME = ("model", "objective", "path_type", "prediction", "learn_sigma", "class_dropout_prob", "latent_norm",
+                   "latent_sample", "image_size", "flip", "global_seed")
+
 PRESETS = {
     # CPU smoke runs and tests: a random tiny autoencoder, a few steps of the smallest DiT
     "tiny": dict(vae="scratch:tiny", data_path="builtin:shapes:32", image_size=32, model="DiT-T/2", global_batch_size=4,
@@ -418,6 +425,7 @@ def parse_args(argv=None):
     if args.preset:
         p.set_defaults(**PRESETS[args.preset])
         args = p.parse_args(argv)  # flags given on the command line still win over the preset
+    args.cli_flags = sorted(utils.explicit_flags(p, argv))
     return args
 
 

@@ -230,6 +230,18 @@ def make_run_dir(results_dir, name):
     return broadcast_object(os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{safe}"))
 
 
+def explicit_flags(parser, argv=None):
+    """The destinations of the flags given on the command line (not taken from defaults)."""
+    import argparse
+    import copy
+
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(bare.parse_args(argv)))
+
+
 def resolve_resume(path):
     """--resume takes a checkpoint, a run folder, or its checkpoints/ folder (then latest.pt)."""
     for candidate in (path, os.path.join(path, "latest.pt"), os.path.join(path, "checkpoints", "latest.pt")):

@@ -1,0 +1,119 @@
+"""sample.py through its real command line: the same bytes on 1 and 2 processes, resumable chunks,
+labels and grids, bad input, and evaluate.py gen on its output."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+
+def run(script, args, nproc=1, timeout=300, env=None):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={nproc}"]
+    return subprocess.run([*launcher, script, *args], cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A DiT (diffusion) and a SiT (transport) trained 4 steps on a tiny cache."""
+    base = tmp_path_factory.mktemp("gen")
+    out = {}
+    for model in ("DiT-T/2", "SiT-T/2"):
+        run_dir = base / model.replace("/", "-")
+        res = run("train_dit.py", ["--preset", "tiny", "--model", model, "--latents", str(base / "latents"),
+                                   "--sample-every", "0", "--run-dir", str(run_dir)])
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[model] = str(run_dir / "checkpoints" / "latest.pt")
+    return out
+
+
+@pytest.mark.parametrize("model,sampler", [("DiT-T/2", "ddpm"), ("SiT-T/2", "sde")])
+def test_same_bytes_on_one_and_two_processes(ckpts, tmp_path, model, sampler):
+    common = ["--preset", "tiny", "--ckpt", ckpts[model], "--sampler", sampler, "--num-samples", "6",
+              "--per-proc-batch-size", "2", "--cfg-scale", "2.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = run("sample.py", [*common, "--sample-dir", str(one)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run("sample.py", [*common, "--sample-dir", str(two)], nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (one / "samples.npz").read_bytes() == (two / "samples.npz").read_bytes()
+    samples = np.load(one / "samples.npz")
+    assert samples["arr_0"].shape == (6, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
+    assert samples["arr_1"].shape == (6,) and samples["arr_1"].max() < 10
+    assert (one / "preview.png").is_file() and not list(one.glob("chunk-*"))
+    assert "evaluate.py gen" in res.stdout
+
+
+def test_interrupted_sampling_keeps_finished_chunks(ckpts, tmp_path):
+    common = ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-samples", "8", "--per-proc-batch-size", "4"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run("sample.py", [*common, "--sample-dir", str(full)]).returncode == 0
+    reference = np.load(full / "samples.npz")
+    # what an interruption leaves: the settings and the first finished chunk (marked, to tell it
+    # from a recomputed one)
+    resumed.mkdir()
+    shutil.copyfile(full / "settings.json", resumed / "settings.json")
+    marked = reference["arr_0"][:4].copy()
+    marked[:, 0, 0] = 7
+    np.savez(resumed / "chunk-0000000-0000004.npz", arr_0=marked, arr_1=reference["arr_1"][:4])
+    res = run("sample.py", [*common, "--sample-dir", str(resumed)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = np.load(resumed / "samples.npz")
+    assert np.array_equal(got["arr_0"][:4], marked)  # kept, not recomputed
+    assert np.array_equal(got["arr_0"][4:], reference["arr_0"][4:])
+    assert np.array_equal(got["arr_1"], reference["arr_1"])
+    # the same folder with other settings is refused, nothing overwritten
+    res = run("sample.py", [*common, "--num-steps", "3", "--sample-dir", str(resumed)])
+    assert res.returncode == 2 and "other settings" in res.stderr and "num_steps" in res.stderr
+    assert np.array_equal(np.load(resumed / "samples.npz")["arr_0"], got["arr_0"])
+
+
+def test_labels_class_balanced_and_a_labelled_grid(ckpts, tmp_path):
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["SiT-T/2"], "--sampler", "heun", "--num-samples", "12",
+                            "--class-balanced", "--sample-dir", str(tmp_path / "balanced")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "balanced" / "samples.npz")["arr_1"], np.arange(12) % 10)
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["SiT-T/2"], "--sampler", "euler", "--class-labels", "0",
+                            "3", "9", "--grid-rows", "2", "--sample-dir", str(tmp_path / "grid")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "grid" / "grid.png")
+    assert grid.width > 3 * 128 and grid.height > 2 * 128  # 3 labelled columns, 2 rows, enlarged
+    assert not (tmp_path / "grid" / "samples.npz").exists()
+
+
+def test_bad_input_and_offline_released_weights(ckpts, tmp_path):
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--sampler", "euler", "--sample-dir", str(tmp_path / "a")])
+    assert res.returncode == 2 and "does not fit this diffusion model" in res.stderr
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", str(tmp_path / "missing.pt"), "--sample-dir", str(tmp_path / "a")])
+    assert res.returncode == 2 and "missing.pt" in res.stderr
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--class-labels", "10", "--sample-dir", str(tmp_path / "a")])
+    assert res.returncode == 2 and "--class-labels" in res.stderr
+    env = dict(ENV, EQVAE_CACHE=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    res = run("sample.py", ["--ckpt", "DiT-XL/2-256", "--sample-dir", str(tmp_path / "a")], env=env)
+    assert res.returncode == 2
+    assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in res.stderr
+    assert os.path.join(str(tmp_path / "cache"), "generators", "DiT-XL-2-256x256.pt") in res.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_evaluate_gen_scores_the_npz(ckpts, tmp_path):
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--sample-dir", str(tmp_path / "s")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = tmp_path / "ref.npz"
+    res = run("evaluate.py", ["ref", "--data-path", "builtin:shapes:8", "--image-size", "32", "--out", str(ref),
+                              "--inception-weights", "random", "--preset", "tiny"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "gen.json"
+    res = run("evaluate.py", ["gen", "--ref", str(ref), "--sample", str(tmp_path / "s" / "samples.npz"),
+                              "--inception-weights", "random", "--preset", "tiny", "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert np.isfinite(result["fid"]) and result["fid"] > 0

@@ -1,0 +1,277 @@
+"""The latent cache and train_dit.py through its real command line: cache building (once, refused
+for another autoencoder, resumed after an interruption, flips, statistics), 1 and 2 processes,
+exact resume, SIGTERM, NaN stop, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import models
+import train_dit
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+
+def run_cli(args, nproc=1, timeout=300, script="train_dit.py"):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={nproc}"]
+    return subprocess.run([*launcher, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One tiny cache (32 shapes at 32 px, scratch:tiny autoencoder) shared by the CLI tests."""
+    folder = tmp_path_factory.mktemp("cache") / "latents"
+    out = run_cli(["--preset", "tiny", "--latents", str(folder), "--max-steps", "1", "--sample-every", "0",
+                   "--cache-shard-size", "10", "--run-dir", str(folder.parent / "first")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return folder
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def test_cache_holds_every_image_and_its_flip_with_exact_statistics(cache):
+    meta = data.read_cache_meta(str(cache))
+    assert meta["count"] == 32 and meta["latent_shape"] == [4, 8, 8] and meta["shard_images"] == 10
+    assert meta["class_names"][:3] == ["circle", "square", "triangle"]
+    shards = [np.load(cache / f"moments-{k:05d}.npy") for k in range(4)]
+    assert [len(s) for s in shards] == [10, 10, 10, 2]
+    moments = np.concatenate(shards).astype(np.float64)  # (32, 2, 2, 4, 8, 8)
+    # the stored moments are the autoencoder's posterior of the ADM crop and of its mirror image
+    ae = models.load_autoencoder(meta["vae"]).eval()
+    assert data.weights_hash(ae) == meta["vae_hash"]
+    x = torch.stack([data.ShapesDataset(32, 32)[i][0] for i in (0, 31)])
+    with torch.no_grad():
+        for flip in (0, 1):
+            posterior = ae.encode(torch.flip(x, dims=[3]) if flip else x)
+            np.testing.assert_allclose(moments[[0, 31], flip, 0], posterior.mean.numpy(), atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(moments[[0, 31], flip, 1], posterior.std.numpy(), atol=2e-3, rtol=2e-3)
+    # channel statistics of z = mean + std * noise, directly: E[z] and Var[z] over all entries
+    mean, std = moments[:, :, 0], moments[:, :, 1]
+    mu = mean.mean(axis=(0, 1, 3, 4))
+    var = (mean ** 2 + std ** 2).mean(axis=(0, 1, 3, 4)) - mu ** 2
+    np.testing.assert_allclose(meta["channel_mean"], mu, rtol=1e-9)
+    np.testing.assert_allclose(meta["channel_std"], np.sqrt(var), rtol=1e-9)
+    assert np.array_equal(np.load(cache / "labels.npy"), np.arange(32) % 10)
+    # and a Monte-Carlo check that those are the statistics of sampled latents
+    z = mean + std * np.random.default_rng(0).standard_normal(mean.shape)
+    np.testing.assert_allclose(z.std(axis=(0, 1, 3, 4)), np.sqrt(var), rtol=0.05)
+
+
+def test_cache_is_reused_and_refused_for_another_autoencoder_or_size(cache, tmp_path):
+    before = {p: os.path.getmtime(cache / p) for p in os.listdir(cache)}
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--max-steps", "1", "--sample-every", "0",
+                   "--run-dir", str(tmp_path / "again")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "caching latents" not in out.stderr  # the same autoencoder and size: reused, not rebuilt
+    assert {p: os.path.getmtime(cache / p) for p in os.listdir(cache)} == before
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--global-seed", "1", "--run-dir", str(tmp_path / "r1")])
+    assert out.returncode == 2 and "vae_hash" in out.stderr and "another --latents" in out.stderr
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--image-size", "64", "--run-dir", str(tmp_path / "r2")])
+    assert out.returncode == 2 and "image_size" in out.stderr
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_interrupted_cache_build_resumes_and_matches_a_full_build(cache, tmp_path):
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    # what an interruption leaves: the plan, two finished shards, one half-written temp file
+    for name in ("labels.npy", "moments-00000.npy", "moments-00002.npy"):
+        shutil.copyfile(cache / name, folder / name)
+    plan = {k: v for k, v in data.read_cache_meta(str(cache)).items() if k not in ("channel_mean", "channel_std")}
+    utils.write_json(str(folder / "build.json"), plan)
+    (folder / "moments-00001.npy.tmp.npy").write_bytes(b"\x93NUMPY partial")
+    with pytest.raises(FileNotFoundError, match="interrupted build"):
+        data.LatentDataset(str(folder))
+    os.utime(folder / "moments-00000.npy", (1, 1))  # a finished shard is never rewritten
+    out = run_cli(["--preset", "tiny", "--latents", str(folder), "--cache-shard-size", "10", "--max-steps", "1",
+                   "--sample-every", "0", "--run-dir", str(tmp_path / "run")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.path.getmtime(folder / "moments-00000.npy") == 1
+    assert not (folder / "build.json").exists()
+    for k in range(4):
+        assert np.array_equal(np.load(folder / f"moments-{k:05d}.npy"), np.load(cache / f"moments-{k:05d}.npy"))
+    assert data.read_cache_meta(str(folder))["channel_std"] == data.read_cache_meta(str(cache))["channel_std"]
+
+
+def test_truncated_or_foreign_shard_is_named(cache, tmp_path):
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    for name in os.listdir(cache):
+        os.link(cache / name, folder / name)
+    os.remove(folder / "moments-00002.npy")
+    (folder / "moments-00002.npy").write_bytes((cache / "moments-00002.npy").read_bytes()[:300])
+    with pytest.raises(RuntimeError, match="moments-00002.npy"):
+        data.LatentDataset(str(folder))
+    os.remove(folder / "moments-00002.npy")
+    np.save(folder / "moments-00002.npy", np.zeros((10, 2, 2, 4, 4, 4), np.float16))
+    with pytest.raises(RuntimeError, match="moments-00002.npy holds"):
+        data.LatentDataset(str(folder))
+
+
+def test_latent_dataset_flips_per_epoch_and_normalisation_round_trip(cache):
+    ds = data.LatentDataset(str(cache), flip=True, seed=0)
+    raw = np.load(cache / "moments-00000.npy")
+    picks = []
+    for epoch in range(4):
+        ds.epoch = epoch
+        moments, label = ds[3]
+        assert label == 3
+        picks.append(next(f for f in (0, 1) if np.array_equal(moments.numpy(), raw[3, f].astype(np.float32))))
+    assert set(picks) == {0, 1}  # both the image and its flip are seen over epochs
+    assert all(torch.equal(data.LatentDataset(str(cache), flip=False)[5][0], torch.from_numpy(raw[5, 0].astype(np.float32)))
+               for _ in range(2))
+    z = torch.randn(2, 4, 8, 8)
+    meta = data.read_cache_meta(str(cache))
+    for latent in (dict(norm="scale", scale=0.18215, shift=0.1),
+                   dict(norm="channel", mean=meta["channel_mean"], std=meta["channel_std"])):
+        torch.testing.assert_close(data.denormalize_latents(data.normalize_latents(z, latent), latent), z)
+    x = data.normalize_latents(z, dict(norm="channel", mean=meta["channel_mean"], std=meta["channel_std"]))
+    torch.testing.assert_close(x[:, 1], (z[:, 1] - meta["channel_mean"][1]) / meta["channel_std"][1])
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.parametrize("model", ["DiT-T/2", "SiT-T/2"])
+def test_tiny_smoke_single_process(cache, tmp_path, model):
+    run = tmp_path / "run"
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--model", model, "--run-dir", str(run)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("log.txt", "metrics.jsonl", "args.json", "checkpoints/0000002.pt", "checkpoints/0000004.pt",
+                 "checkpoints/latest.pt", "samples-0000004.png"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(np.isfinite(r["train/loss"]) and r["train/images_per_sec"] > 0 for r in records)
+    ckpt = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
+    recipe = ckpt["generator"]
+    assert recipe["objective"]["kind"] == ("diffusion" if model.startswith("DiT") else "transport")
+    assert recipe["latent"]["norm"] == "scale" and recipe["latent"]["vae"].endswith("autoencoder.pt")
+    assert "module." not in "".join(ckpt["model"]) and set(ckpt["ema"]) == set(ckpt["model"])
+    net, loaded = models.load_generator(str(run / "checkpoints" / "latest.pt"))
+    assert loaded == recipe and net.family == ("dit" if model.startswith("DiT") else "sit")
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
+
+
+def test_two_processes_and_channel_normalisation(cache, tmp_path):
+    run = tmp_path / "run"
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--latent-norm", "channel", "--model", "SiT-T/2",
+                   "--path-type", "gvp", "--run-dir", str(run)], nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (run / "log.txt").read_text()
+    assert "world size 2" in log and "step 4/4" in log and "per-channel mean" in log
+    ckpt = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
+    meta = data.read_cache_meta(str(cache))
+    assert ckpt["generator"]["latent"]["mean"] == meta["channel_mean"] and len(ckpt["rng"]) == 2
+    assert ckpt["generator"]["objective"]["path"] == "gvp"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_reproduces_uninterrupted_run(cache, tmp_path, nproc):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--preset", "tiny", "--latents", str(cache), "--max-steps", "6", "--ckpt-every", "3", "--sample-every", "0",
+              "--global-batch-size", "8"]  # 32 images / 8 = 4 steps per epoch: the resumed run crosses an epoch
+    assert run_cli([*common, "--run-dir", str(full)], nproc=nproc).returncode == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.link(full / "checkpoints" / "0000003.pt", resumed / "checkpoints" / "0000003.pt")
+    out = run_cli([*common, "--resume", str(resumed / "checkpoints" / "0000003.pt")], nproc=nproc)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = utils.load_checkpoint(str(full / "checkpoints" / "0000006.pt"))
+    b = utils.load_checkpoint(str(resumed / "checkpoints" / "0000006.pt"))
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert a["step"] == b["step"] == 6
+    assert read_metrics(full)[-1]["train/loss"] == read_metrics(resumed)[-1]["train/loss"]
+
+
+def test_sigterm_saves_and_resume_continues(cache, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train_dit.py", "--preset", "tiny", "--latents", str(cache), "--max-steps", "100000",
+           "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0", "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "log.txt").exists() and "step 3/" in (run / "log.txt").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    step = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"]
+    assert step >= 3 and "stop requested" in (run / "log.txt").read_text()
+    out = run_cli(["--resume", str(run), "--max-steps", str(step + 1), "--sample-every", "0", "--num-workers", "0"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == step + 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch):
+    import diffusion
+
+    real = diffusion.GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def planted(self, *a, **k):
+        terms = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_losses", planted)
+    run = tmp_path / "run"
+    args = train_dit.parse_args(["--preset", "tiny", "--latents", str(cache), "--max-steps", "6", "--ckpt-every", "2",
+                                 "--log-every", "1", "--sample-every", "0", "--run-dir", str(run)])
+    with pytest.raises(SystemExit) as e:
+        train_dit.main(args)
+    assert e.value.code == 3
+    assert "non-finite loss or gradient at step 2" in (run / "log.txt").read_text()
+    assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == 2
+    assert not (run / "checkpoints" / "0000003.pt").exists()
+
+
+def test_init_from_loads_weights_and_refuses_a_mismatch(cache, tmp_path):
+    src = tmp_path / "src"
+    assert run_cli(["--preset", "tiny", "--latents", str(cache), "--max-steps", "2", "--sample-every", "0",
+                    "--run-dir", str(src)]).returncode == 0
+    run = tmp_path / "run"
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--max-steps", "1", "--lr", "0", "--sample-every", "0",
+                   "--init-from", str(src / "checkpoints" / "latest.pt"), "--ema-decay", "0", "--run-dir", str(run)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = utils.load_checkpoint(str(src / "checkpoints" / "latest.pt"))["ema"]
+    b = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the starting weights survive unchanged
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--model", "DiT-S/2",
+                   "--init-from", str(src / "checkpoints" / "latest.pt"), "--run-dir", str(tmp_path / "bad")])
+    assert out.returncode == 2 and "--init-from" in out.stderr and "DiT-T/2" in out.stderr
+
+
+def test_bad_input_fails_before_anything_is_written(cache, tmp_path):
+    r = tmp_path / "r"
+    out = run_cli(["--preset", "tiny", "--latents", str(tmp_path / "empty"), "--data-path", str(tmp_path / "nowhere"),
+                   "--results-dir", str(r)])
+    assert out.returncode == 2 and "nowhere" in out.stderr
+    out = run_cli(["--latents", str(tmp_path / "empty"), "--results-dir", str(r)])
+    assert out.returncode == 2 and "--data-path and --vae" in out.stderr
+    out = run_cli(["--preset", "tiny", "--latents", str(tmp_path / "vq"), "--vae", "scratch:tiny-vq", "--results-dir", str(r)])
+    assert out.returncode == 2 and "VQ" in out.stderr
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--lr", "-1", "--results-dir", str(r)])
+    assert out.returncode == 2 and "--lr -1.0 is out of range" in out.stderr
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--sampler", "sde", "--results-dir", str(r)])
+    assert out.returncode == 2 and "does not fit --objective diffusion" in out.stderr
+    assert not r.exists() and not (tmp_path / "empty").exists() and not (tmp_path / "vq" / "meta.json").exists()
