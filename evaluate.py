@@ -25,16 +25,20 @@ metrics (PSNR, SSIM, LPIPS); intrinsic dimension; autoencoder analysis (data, la
 subcommands; parser.
 
 Conventions that change the generation numbers (all as ADM's evaluator, unless said):
-- uint8 NHWC images go in; TF1's bilinear resize to 299 (no half-pixel centres, no antialiasing),
-  then (x - 128) / 128. F.interpolate (pytorch-fid) samples 0.5 * (1 - in/out) pixels away from
-  TF1 (0.07 px for 256 -> 299), which is pytorch-fid's residual error against TensorFlow's FID.
+- uint8 NHWC images go in; TF1's bilinear resize to 299 (no half-pixel centres, no antialiasing;
+  bit-identical to TF1's CPU kernel), then (x - 128) / 128. F.interpolate (pytorch-fid) samples
+  0.5 * (1 - in/out) pixels away from TF1 (0.07 px for 256 -> 299), which is pytorch-fid's
+  residual error against TensorFlow's FID.
 - FID on the 2048-d pool_3 features; sFID on the first 7 channels of `mixed_6/conv` (17x17),
   flattened in TensorFlow's (H, W, C) order so that ADM's precomputed `mu_s`, `sigma_s` apply.
 - Frechet distance with scipy's sqrtm, the eps=1e-6 retry and the 1e-3 imaginary-part check.
 - IS from softmax(pool @ W) with the logits weight W and no bias, splits of 5000, not shuffled.
 - Precision/recall: k=3 nearest-neighbour radii on squared L2 distances computed in float16 with a
   float32 fallback per block; reference = the images in the reference batch's `arr_0`.
-- A reference batch's `mu`, `sigma`, `mu_s`, `sigma_s` (full training-set statistics) are used as-is.
+- A batch's stored statistics (reference or sample) replace those of its images only when it has
+  `mu`: then FID uses `mu`, `sigma` and sFID `mu_s`, `sigma_s`; without these two there is no sFID
+  (ADM stops). Without `mu`, both come from the images and a lone `mu_s` is ignored. The report
+  says where each side's statistics came from.
 Deviations: mean and covariance are accumulated in float64 (ADM: float32 mean) and the softmax in
 float64; 0 log 0 counts as 0 in IS (ADM would return NaN on an exactly-zero float32 probability).
 The autoencoder conventions (our protocol and --protocol eqvae) are in `reconstruction_metrics`,
@@ -75,9 +79,12 @@ POOL_DIM = 2048  # pool_3
 NUM_LOGITS = 1008  # softmax/logits: 1000 ImageNet classes + 8 unused
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023 dims
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
+STATISTICS = (("mu", "sigma", POOL_DIM, "FID"), ("mu_s", "sigma_s", SPATIAL_DIM, "sFID"))  # as named in an ADM .npz
 IS_SPLIT_SIZE = 5000  # ADM: 10 splits for 50k samples
 PR_NEIGHBOURS = 3  # k of the k-NN manifold (ADM's nhood_sizes=(3,))
 PR_BLOCK = 10000  # rows/columns of one distance block (ADM's row/col batch size)
+NPZ_SCAN_IMAGES = 64  # images per read when checking an .npz's value range
+NPZ_READ_BYTES = 1 << 18  # bytes inflated per call from a compressed arr_0: bounds the transient memory
 REF_PR_IMAGES = 10000  # images ADM reference batches keep in arr_0 for precision/recall
 MIN_FULL_RANK = 2048  # fewer images give a rank-deficient covariance: FID not comparable with papers
 FEATURES_VERSION = 1  # bump when feature extraction changes, so cached reference features are recomputed
@@ -404,9 +411,10 @@ def _tf1_source_coords(in_size, out_size):
 
 
 def tf1_resize_bilinear(x, size):
-    """Bilinear resize of (N, C, H, W) float32 exactly as TensorFlow 1's legacy kernel, the one inside
-    ADM's graph: no half-pixel offset, no antialiasing, each output a + (b - a) * t in float32 along
-    x, then along y. F.interpolate(align_corners=False) samples at other positions."""
+    """Bilinear resize of (N, C, H, W) float32 as TensorFlow 1's legacy kernel, the one inside ADM's
+    graph: no half-pixel offset, no antialiasing, each output a + (b - a) * t in float32 along x, then
+    along y. Bit-identical to TF1's CPU kernel; on GPU TF fuses the multiply-add, which can differ by
+    about one float32 ulp. F.interpolate(align_corners=False) samples at other positions."""
     H, W = x.shape[-2:]
     out_h, out_w = (size, size) if isinstance(size, int) else size
     y0, y1, fy = (t.to(x.device) for t in _tf1_source_coords(H, out_h))
@@ -483,6 +491,13 @@ def inception_features(model, images, pipeline="adm"):
 # Every source is a map-style dataset whose items are uint8 (H, W, 3) numpy arrays, all of one size.
 
 
+def _read_npy_header(f):
+    """(shape, fortran, dtype) of the .npy stream `f`, which is left at the first byte of the array."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
 def _npz_member_layout(path, key):
     """(shape, dtype, offset, fortran) of `key` in an .npz from its headers only; offset is where the
     raw array starts in the file, or None when the member is compressed (no memory map possible)."""
@@ -493,9 +508,7 @@ def _npz_member_layout(path, key):
             raise InputError(f"{path} has no `{key}` array (it has: {keys}); an ADM batch keeps its images in arr_0")
         info = zf.getinfo(name)
         with zf.open(name) as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
+            shape, fortran, dtype = _read_npy_header(f)
             header_len = f.tell() if hasattr(f, "tell") else None
     offset = None
     if info.compress_type == zipfile.ZIP_STORED and not fortran and header_len is not None:
@@ -507,9 +520,11 @@ def _npz_member_layout(path, key):
     return tuple(shape), dtype, offset, fortran
 
 
-def check_image_array(shape, dtype, head, source):
-    """Refuse anything but uint8 (N, H, W, 3) in [0, 255], naming the source and the fix. `head` is a
-    few images (numpy) used to check the value range without reading the whole array."""
+def check_image_array(shape, dtype, chunks, source):
+    """Refuse anything but uint8 (N, H, W, 3) in [0, 255], naming the source and the fix. `chunks`
+    yields the images in order, a few at a time, and is read lazily: the first chunk gives the value
+    range; the rest only while every value seen is 0 or 1, so that a batch is refused as "[0, 1]
+    floats cast to uint8" only when all of it looks so (a batch may start with black images)."""
     if len(shape) == 4 and shape[1] in (1, 3) and shape[-1] not in (1, 3):
         raise InputError(
             f"{source}: images of shape {shape} look NCHW; ADM batches are NHWC (N, H, W, 3): "
@@ -517,6 +532,10 @@ def check_image_array(shape, dtype, head, source):
         )
     if len(shape) != 4 or shape[-1] != 3:
         raise InputError(f"{source}: images must have shape (N, H, W, 3) (RGB, NHWC), got {shape}")
+    if dtype.hasobject:
+        raise InputError(f"{source}: images are Python objects ({dtype}); ADM batches are uint8 arrays")
+    chunks = iter(chunks)
+    head = next(chunks, np.zeros(0, dtype))
     if dtype != np.uint8:
         seen = f", values in [{head.min()}, {head.max()}] in the first {len(head)}" if head.size else ""
         if np.issubdtype(dtype, np.floating) and head.size and head.min() >= -1.0 and head.max() <= 1.0:
@@ -525,23 +544,28 @@ def check_image_array(shape, dtype, head, source):
         else:
             fix = "with x.round().clip(0, 255).astype(np.uint8) if they are in [0, 255]"
         raise InputError(f"{source}: images are {dtype}{seen}; ADM batches are uint8 in [0, 255]. Convert them {fix}")
-    if head.size and head.max() <= 1:
+    if head.size and head.max() <= 1 and all(chunk.max() <= 1 for chunk in chunks):  # stops at the first brighter chunk
         raise InputError(
-            f"{source}: uint8 images whose values are all 0 or 1 in the first {len(head)}: they look like [0, 1] "
+            f"{source}: all {shape[0]} uint8 images have only the values 0 and 1: they look like [0, 1] "
             f"images cast to uint8; save (x * 255).round().astype(np.uint8) instead"
         )
 
 
 class NpzImages(torch.utils.data.Dataset):
-    """`arr_0` of an ADM .npz, memory-mapped when stored uncompressed (np.savez, as ADM and sample.py
-    write it), so no process holds 50k images in memory; a compressed file is loaded whole."""
+    """`arr_0` of an ADM .npz, without any process holding the whole array (50k images at 256 px are
+    9.8 GB). Stored uncompressed (np.savez, as ADM and sample.py write it): memory-mapped, read in
+    any order. Compressed (np.savez_compressed): inflated from the zip as a stream, as ADM reads it;
+    each process opens its own reader, which only moves forward (`stream` is True: extract_features
+    reads such a file in order, with one worker). A Fortran-order array, which neither way can
+    slice, is loaded whole, as ADM does."""
 
     def __init__(self, path, key="arr_0"):
         self.path, self.key, self.source = path, key, path
         self.shape, self.dtype, self.offset, fortran = _npz_member_layout(path, key)
-        self._arr = None  # opened lazily in each DataLoader worker: a memmap must not be pickled
-        head = np.asarray(self.array()[:64]) if self.shape and self.shape[0] else np.zeros(0)  # range check only
-        check_image_array(self.shape, self.dtype, head, f"{path} ({key})")
+        self.stream = self.offset is None and not fortran
+        self._arr = self._zip = self._reader = None  # opened lazily in each process: neither may be pickled or shared
+        check_image_array(self.shape, self.dtype, self._chunks(), f"{path} ({key})")
+        self._close_stream()  # the main process holds no reader that forked DataLoader workers would inherit
         self.image_size = tuple(self.shape[1:3])
 
     def array(self):
@@ -553,13 +577,58 @@ class NpzImages(torch.utils.data.Dataset):
                     self._arr = f[self.key]
         return self._arr
 
+    def _open_stream(self):
+        self._close_stream()
+        self._zip = zipfile.ZipFile(self.path)
+        self._reader = self._zip.open(self.key + ".npy")
+        _read_npy_header(self._reader)
+        self._pid, self._pos = os.getpid(), 0  # _pos: index of the next image in the stream
+
+    def _close_stream(self):
+        if self._reader is not None and self._pid == os.getpid():  # a forked child only drops its parent's handles
+            self._reader.close()
+            self._zip.close()
+        self._zip = self._reader = None
+
+    def _take(self, nbytes, out=None):
+        """The next nbytes of the stream into `out` (a byte view of that size), or dropped when out is
+        None, NPZ_READ_BYTES at a time: the memory used besides `out` does not grow with nbytes."""
+        done = 0
+        while done < nbytes:
+            piece = self._reader.read(min(NPZ_READ_BYTES, nbytes - done))
+            if not piece:
+                raise InputError(f"{self.path} ({self.key}): the compressed array ends early (truncated file): write it again")
+            if out is not None:
+                out[done : done + len(piece)] = piece
+            done += len(piece)
+
+    def read(self, start, stop):
+        """Images start..stop-1 as one (stop - start, H, W, 3) array."""
+        if not self.stream:
+            return np.asarray(self.array()[start:stop])
+        if self._reader is None or self._pid != os.getpid() or start < self._pos:
+            self._open_stream()  # a deflate stream cannot go back; a forked worker must not share its parent's file offset
+        item = math.prod(self.shape[1:]) * self.dtype.itemsize
+        self._take((start - self._pos) * item)  # inflate and drop the images before `start` (other workers' batches)
+        x = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        self._take(x.nbytes, memoryview(x).cast("B"))
+        self._pos = stop
+        return x
+
+    def _chunks(self, size=NPZ_SCAN_IMAGES):
+        for i in range(0, len(self), size):
+            yield self.read(i, min(i + size, len(self)))
+
     def __getstate__(self):
-        return {**self.__dict__, "_arr": None}
+        return {**self.__dict__, "_arr": None, "_zip": None, "_reader": None}
 
     def __len__(self):
         return self.shape[0]
 
     def __getitem__(self, index):
+        index = index + len(self) if index < 0 else index
+        if self.stream:
+            return self.read(index, index + 1)[0]
         return np.ascontiguousarray(self.array()[index])
 
 
@@ -712,6 +781,12 @@ def extract_features(model, images, batch_size=64, num_workers=4, keep=("pool",)
     dims = {"pool": POOL_DIM, "spatial": SPATIAL_DIM, "logits": NUM_LOGITS}
     kept = {k: [] for k in keep}
     running = {k: RunningStats(dims[k], device) for k in stats}
+    if getattr(images, "stream", False) and num_workers > 1:
+        # one deflate stream: each worker would inflate it all up to its own batches, so extra workers
+        # add CPU time, not speed; one worker still reads while the main process runs Inception
+        print0(f"{images.source}: arr_0 is compressed, so one DataLoader worker reads it in order "
+               f"(np.savez stores it uncompressed: memory-mapped and read by --num-workers workers)")
+        num_workers = 1
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(images, range(start, end)), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_stack, pin_memory=device.type == "cuda",
@@ -777,7 +852,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="scipy"):
     if method == "eigh":
         tr_covmean = trace_sqrt_product(sigma1, sigma2)
     elif method == "scipy":
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))  # newer SciPy dropped disp=False; the value is the same
+        # ADM passes disp=False (deprecated in SciPy 1.16, removed in 1.18); it changes no value
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
         if not np.isfinite(covmean).all():
             warnings.warn(f"FID: the covariance product is singular; adding {eps} to both diagonals", stacklevel=2)
             offset = np.eye(sigma1.shape[0]) * eps
@@ -921,57 +997,96 @@ def _broadcast(obj):
     return holder[0]
 
 
+def npz_statistics(path, what):
+    """The FID/sFID statistics stored in an ADM .npz (reference or sample), taken as ADM's evaluator
+    takes them: only when the file has `mu`. Then FID uses mu/sigma and sFID mu_s/sigma_s; without
+    these there is no sFID (ADM stops; sFID from the images against file statistics of other images
+    would be another number). Without `mu` both come from the images and a lone mu_s/sigma_s is
+    ignored (never mixed with image statistics). `what` names the file in notes.
+    Returns ({"mu", "sigma"[, "mu_s", "sigma_s"]: float64 arrays} or {} for "use the images", notes)."""
+    stats, notes = {}, []
+    with np.load(path) as f:
+        names = set(f.files)
+        if "mu" not in names:
+            if "mu_s" in names:
+                notes.append(f"{what} has mu_s/sigma_s but no mu/sigma: as ADM's evaluator, FID and sFID statistics "
+                             f"both come from its images and the file's mu_s/sigma_s are ignored")
+            return stats, notes
+        for m, s, dim, metric in STATISTICS:
+            if m not in names:
+                continue
+            if s not in names:
+                raise InputError(f"{path} has `{m}` but not `{s}`: an ADM batch stores both; add `{s}` or remove `{m}`")
+            mu, sigma = f[m].astype(np.float64), f[s].astype(np.float64)
+            if mu.shape != (dim,) or sigma.shape != (dim, dim):
+                raise InputError(
+                    f"{path}: `{m}` {mu.shape} and `{s}` {sigma.shape} are not {metric} statistics of the FID Inception "
+                    f"(({dim},) and ({dim}, {dim})); remove them from the file to compute statistics from its images"
+                )
+            stats[m], stats[s] = mu, sigma
+    if "mu_s" not in stats:
+        notes.append(f"{what} has mu/sigma but no mu_s/sigma_s: sFID not computed (ADM's evaluator stops on such a "
+                     f"file; sFID of images against another set's file statistics would not be ADM's number)")
+    return stats, notes
+
+
+def _statistics_source(stats_from, num_images, spatial):
+    """Where one side's FID/sFID statistics came from, for the report."""
+    if stats_from == "images":
+        return f"computed from {num_images} images"
+    return "mu, sigma, mu_s, sigma_s from the file" if spatial else "mu, sigma from the file (no mu_s, sigma_s: no sFID)"
+
+
 def reference_batch(path, model, batch_size=64, num_workers=4, image_size=None, use_cache=True):
     """Pool features (for precision/recall) and FID/sFID statistics of a reference.
 
-    An ADM reference .npz: arr_0 images, and `mu`, `sigma`, `mu_s`, `sigma_s` used as-is when present
-    (else computed from arr_0). For an .npz the result is cached next to it, keyed by the sha1 of the
-    file, the Inception weights and the precision, so a second evaluation costs only the sample side.
-    A folder or builtin:shapes works too (never cached). Every rank must call it; the returned
-    arrays are complete on rank 0 (other ranks may get None after a cache hit).
+    An ADM reference .npz: arr_0 images, and stored statistics taken as `npz_statistics` says (as
+    ADM). For an .npz the result is cached next to it, keyed by the sha1 of the file, the Inception
+    weights and the precision, so a second evaluation costs only the sample side. A folder or
+    builtin:shapes works too (never cached). Every rank must call it; the returned arrays are
+    complete on rank 0 (other ranks may get None after a cache hit).
     Returns dict(pool, mu, sigma, mu_s, sigma_s (None when unavailable), num_images, image_size,
-    stats_from ("file" or "images"), cache (path or None)).
+    stats_from ("file" or "images": FID and sFID statistics always come from one place), notes,
+    cache (path or None)).
     """
     is_npz = os.path.isfile(path) and zipfile.is_zipfile(path)
-    given, images = {}, None
+    given, notes, images = {}, [], None
     if is_npz:
-        with np.load(path) as f:
-            names = set(f.files)
-            for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
-                if a in names:
-                    if b not in names:
-                        raise InputError(f"{path} has `{a}` but not `{b}`: an ADM reference batch has both")
-                    given[a], given[b] = f[a].astype(np.float64), f[b].astype(np.float64)
-        if "arr_0" not in names and "mu" not in given:
+        given, notes = npz_statistics(path, f"reference {path}")
+        with zipfile.ZipFile(path) as zf:
+            has_images = "arr_0.npy" in zf.namelist()
+        if not has_images and not given:
             raise InputError(f"{path} has neither arr_0 images nor mu/sigma statistics: not an ADM reference batch")
-        if "arr_0" in names:
+        if has_images:
             images = NpzImages(path)
     else:
         images = open_images(path, image_size)
-    out = dict(pool=None, mu=None, sigma=None, mu_s=None, sigma_s=None, cache=None)
+    out = dict(pool=None, mu=None, sigma=None, mu_s=None, sigma_s=None, cache=None, notes=notes)
     out.update(given)
-    out["stats_from"] = "file" if "mu" in given else "images"
+    out["stats_from"] = "file" if given else "images"
     out["num_images"] = len(images) if images is not None else 0
     out["image_size"] = images.image_size if images is not None else None
     if images is None:
         return out
-    need_stats = [kind for kind, m in (("pool", "mu"), ("spatial", "mu_s")) if m not in given]
+    need_stats = () if given else ("pool", "spatial")
     if need_stats and len(images) < 2:
         raise InputError(f"reference {path} has {len(images)} image(s) and no statistics: FID needs at least 2")
 
+    # the cache holds pool features, plus the statistics when they come from the images; a cache
+    # without what this run needs (one written by an older version) counts as a miss
+    needed = ["pool"] + ([name for m, s, _, _ in STATISTICS for name in (m, s)] if need_stats else [])
     cache, hit = None, False
     if is_npz and use_cache:
         if is_main():
             cache = _cache_path(path, _features_key(path, model))
-            hit = os.path.isfile(cache)
+            if os.path.isfile(cache):
+                with np.load(cache) as f:
+                    hit = set(needed) <= set(f.files)
         cache, hit = _broadcast((cache, hit))
     if hit:
         if is_main():
             with np.load(cache) as f:
-                out["pool"] = f["pool"]
-                for m in ("mu", "sigma", "mu_s", "sigma_s"):
-                    if out[m] is None and m in f.files:
-                        out[m] = f[m]
+                out.update({k: f[k] for k in needed})
         out["cache"] = cache
         return out
 
@@ -981,9 +1096,8 @@ def reference_batch(path, model, batch_size=64, num_workers=4, image_size=None, 
         if kind in stats:
             out[m], out[s] = stats[kind]
     if cache is not None and is_main():
-        computed = {m: out[m] for m in ("mu", "sigma", "mu_s", "sigma_s") if m not in given}
         try:
-            _save_npz_atomic(cache, pool=out["pool"], **computed)
+            _save_npz_atomic(cache, **{k: out[k] for k in needed})
             out["cache"] = cache
         except OSError as e:
             warnings.warn(f"could not write the feature cache {cache} ({e}); the next run recomputes it", stacklevel=2)
@@ -1316,33 +1430,56 @@ def _few_images_note(n, what):
     return None
 
 
+def stored_sample_statistics(images):
+    """The stored FID/sFID statistics of a sample .npz (`npz_statistics`: used as ADM uses them, or
+    {} for "compute them from the images") and the notes on them; raises InputError when the images
+    cannot give what is computed from them."""
+    given, notes = {}, []
+    if isinstance(images, NpzImages):
+        given, notes = npz_statistics(images.path, f"sample {images.source}")
+    if not given:
+        return given, notes + [n for n in [_few_images_note(len(images), f"sample {images.source}")] if n]
+    if len(images) == 0:
+        raise InputError(f"sample {images.source} has no images in arr_0: IS and precision/recall need them")
+    which = "FID and sFID statistics" if "mu_s" in given else "FID statistics"
+    notes.append(f"sample {images.source} stores mu/sigma: its {which} are the file's, as ADM's evaluator takes them, "
+                 f"not those of its {len(images)} images (which give IS and precision/recall)")
+    return given, notes
+
+
 def evaluate_generation(model, ref, sample, batch_size=64, num_workers=4, image_size=None, sqrtm="scipy", use_cache=True):
     """FID, sFID, IS, precision and recall of `sample` against `ref` (each an ADM .npz, a folder or
-    builtin:shapes; `sample` may also be a dataset from open_images). Every rank must call it; rank 0
-    returns (metrics, notes), the others (None, notes). Raises InputError on bad input before any
-    Inception pass over the samples."""
-    notes = []
+    builtin:shapes; `sample` may also be a dataset from open_images). Statistics stored in either
+    .npz are used as ADM uses them (`npz_statistics`). Every rank must call it; rank 0 returns
+    (metrics, notes), the others (None, notes). Raises InputError on bad input before any Inception
+    pass over the samples."""
     sample_images = open_images(sample, image_size) if isinstance(sample, str) else sample
-    notes.append(_few_images_note(len(sample_images), f"sample {sample_images.source}"))
+    sample_given, notes = stored_sample_statistics(sample_images)
     reference = reference_batch(ref, model, batch_size, num_workers, image_size, use_cache)
+    notes += reference["notes"]
     if reference["stats_from"] == "images":
         notes.append(_few_images_note(reference["num_images"], f"reference {ref}"))
     if reference["image_size"] is not None and reference["image_size"] != sample_images.image_size:
         notes.append(f"reference images are {reference['image_size']} pixels but samples are {sample_images.image_size}: "
                      f"both are resized to 299, but such scores are not what papers report")
     features, stats = extract_features(
-        model, sample_images, batch_size, num_workers, keep=("pool",), stats=("pool", "spatial"), desc="samples"
+        model, sample_images, batch_size, num_workers, keep=("pool",), stats=() if sample_given else ("pool", "spatial"),
+        desc="samples",
     )
     notes = [n for n in notes if n]
     if not is_main():
         return None, notes
     pool = features["pool"]
-    metrics = dict(fid=None, sfid=None, precision=None, recall=None)
-    metrics["fid"] = frechet_distance(*stats["pool"], reference["mu"], reference["sigma"], method=sqrtm)
-    if reference["mu_s"] is not None:
-        metrics["sfid"] = frechet_distance(*stats["spatial"], reference["mu_s"], reference["sigma_s"], method=sqrtm)
+    if sample_given:
+        sample_stats = sample_given
     else:
-        notes.append(f"{ref} has mu/sigma but no mu_s/sigma_s: sFID not computed")
+        (mu, sigma), (mu_s, sigma_s) = stats["pool"], stats["spatial"]
+        sample_stats = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    metrics = dict(fid=None, sfid=None, precision=None, recall=None)
+    s, r = sample_stats, reference
+    metrics["fid"] = frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"], method=sqrtm)
+    if "mu_s" in s and r["mu_s"] is not None:  # else a note from npz_statistics says why not
+        metrics["sfid"] = frechet_distance(s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"], method=sqrtm)
     metrics["is"] = inception_score(inception_probs(pool, model.fc.weight.detach(), device=model.fc.weight.device))
     if reference["pool"] is not None and min(len(reference["pool"]), len(pool)) > PR_NEIGHBOURS:
         device = next(model.parameters()).device
@@ -1352,8 +1489,8 @@ def evaluate_generation(model, ref, sample, batch_size=64, num_workers=4, image_
     metrics.update(
         num_images=len(sample_images),
         num_ref_images=reference["num_images"],
-        ref_statistics=("precomputed in the reference file" if reference["stats_from"] == "file"
-                        else f"computed from {reference['num_images']} reference images"),
+        sample_statistics=_statistics_source("file" if sample_given else "images", len(sample_images), "mu_s" in sample_stats),
+        ref_statistics=_statistics_source(reference["stats_from"], reference["num_images"], reference["mu_s"] is not None),
         ref_feature_cache=reference["cache"],
     )
     return metrics, notes
@@ -1370,7 +1507,7 @@ def cmd_gen(args, device):
     t0 = time.time()
     try:  # bad samples are refused before the weights load
         sample_images = open_images(args.sample, args.image_size)
-        _few_images_note(len(sample_images), f"sample {args.sample}")
+        stored_sample_statistics(sample_images)
     except InputError as e:
         fail(str(e))
     if not args.ref.startswith("builtin:") and not os.path.exists(args.ref):
@@ -1403,8 +1540,8 @@ def cmd_gen(args, device):
     rows = [("FID", metrics["fid"]), ("sFID", metrics["sfid"]), ("Inception Score", metrics["is"]),
             ("Precision", metrics["precision"]), ("Recall", metrics["recall"])]
     lines = [f"{'metric':<16} value"] + [f"{name:<16} {'n/a' if v is None else f'{v:.4f}'}" for name, v in rows]
-    lines += [f"{'samples':<16} {metrics['num_images']}",
-              f"{'reference':<16} {metrics['num_ref_images']} images; statistics {metrics['ref_statistics']}",
+    lines += [f"{'samples':<16} {metrics['num_images']} images; FID/sFID statistics: {metrics['sample_statistics']}",
+              f"{'reference':<16} {metrics['num_ref_images']} images; FID/sFID statistics: {metrics['ref_statistics']}",
               f"{'Inception':<16} {model.info['id']} ({args.precision})"]
     lines += [f"NOTE: {n}" for n in notes]
     print0("\n".join(lines))
@@ -1850,7 +1987,9 @@ def parse_args(argv=None):
     gen = sub.add_parser("gen", help="FID, sFID, IS, precision, recall of a sample batch against a reference batch")
     gen.add_argument("--ref", required=True,
                      help="reference: ADM reference batch .npz (arr_0 + optional mu, sigma, mu_s, sigma_s), image folder or builtin:shapes")
-    gen.add_argument("--sample", required=True, help="samples: ADM .npz (arr_0 uint8 NHWC), folder of same-size images, or builtin:shapes")
+    gen.add_argument("--sample", required=True,
+                     help="samples: ADM .npz (arr_0 uint8 NHWC; its mu, sigma, mu_s, sigma_s, if any, give FID/sFID as in ADM), "
+                          "folder of same-size images, or builtin:shapes")
     gen.add_argument("--image-size", type=int, default=None, help="pixels; only for builtin:shapes sources")
     gen.add_argument("--out", default=None, help="JSON file for the metrics (default: next to the sample, SAMPLE.metrics.json)")
     gen.add_argument("--sqrtm", default="scipy", choices=["scipy", "eigh"],

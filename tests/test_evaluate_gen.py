@@ -5,8 +5,10 @@ Run from the repo root: python -m pytest -q tests/test_evaluate_gen.py
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
+import tracemalloc
 import urllib.request
 from pathlib import Path
 
@@ -374,6 +376,83 @@ def test_bad_inputs_are_refused_with_a_clear_message(tmp_path):
     assert "NOT comparable" in ev._few_images_note(100, "sample x")
 
 
+def test_batch_starting_with_black_images_is_accepted_all_dark_is_refused(tmp_path):
+    """The [0, 1]-cast refusal looks at the whole batch, not its first read: black images first (as
+    far as the first read chunk and beyond) are scored, as ADM scores them."""
+    rng = np.random.default_rng(12)
+    n = ev.NPZ_SCAN_IMAGES + 6
+    images = rng.integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8)
+    images[: ev.NPZ_SCAN_IMAGES + 3] = 0
+    for save in (np.savez, np.savez_compressed):  # memory-mapped and streamed reads
+        save(tmp_path / "dark.npz", arr_0=images)
+        ds = ev.open_images(str(tmp_path / "dark.npz"))
+        assert len(ds) == n and np.array_equal(ds[n - 1], images[-1]) and ds[0].max() == 0
+        unit = rng.integers(0, 2, size=images.shape, dtype=np.uint8)  # every image 0/1: [0, 1] floats cast to uint8
+        save(tmp_path / "unit.npz", arr_0=unit)
+        with pytest.raises(ev.InputError, match=rf"unit\.npz \(arr_0\): all {n} uint8 images have only the values 0 and 1"):
+            ev.open_images(str(tmp_path / "unit.npz"))
+        unit[-1, 0, 0, 0] = 2  # one brighter value in the last image: the batch is not all 0/1
+        save(tmp_path / "unit.npz", arr_0=unit)
+        assert len(ev.open_images(str(tmp_path / "unit.npz"))) == n
+
+
+class PeakMemory(torch.utils.data.Dataset):
+    """Items of `dataset` with the peak traced allocation (tracemalloc: Python objects and numpy
+    arrays) of the process that read them, counted from that process's first item."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if not tracemalloc.is_tracing():
+            tracemalloc.start()
+        return self.dataset[index], os.getpid(), tracemalloc.get_traced_memory()[1]
+
+
+def test_compressed_npz_is_streamed_not_loaded_per_worker(tmp_path):
+    """A compressed arr_0 is never held whole: not by the main process (open, then read through a
+    pickled copy: what a spawn/forkserver DataLoader worker gets), nor by 2 forked workers, each of
+    whose peak allocation stays far below one copy of the array. Images come back in order, also
+    after the main process has opened a reader of its own before the fork."""
+    images = np.random.default_rng(13).integers(0, 256, size=(2048, 64, 64, 3), dtype=np.uint8)  # 25 MB
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=images)
+    limit = images.nbytes / 8
+    tracemalloc.start()
+    try:
+        ds = ev.open_images(str(tmp_path / "packed.npz"))
+        assert ds.stream and ds.offset is None
+        opened = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        copy = pickle.loads(pickle.dumps(ds))
+        assert np.array_equal(copy[1900], images[1900]) and np.array_equal(copy[7], images[7])  # forward, then back
+        read = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert opened < limit and read < limit, (opened, read, images.nbytes)
+    assert np.array_equal(ds[3], images[3])  # the main process now holds an open reader
+    loader = torch.utils.data.DataLoader(PeakMemory(ds), batch_size=4, num_workers=2, collate_fn=list)
+    items = [item for batch in loader for item in batch]
+    assert np.array_equal(np.stack([img for img, _, _ in items]), images)
+    peaks = {}
+    for _, pid, peak in items:
+        peaks[pid] = max(peaks.get(pid, 0), peak)
+    assert len(peaks) == 2 and os.getpid() not in peaks
+    assert max(peaks.values()) < limit, (peaks, images.nbytes)
+
+
+def test_compressed_sample_features_with_two_workers(tmp_path, model, gen_batches, capsys):
+    """extract_features on a compressed .npz with --num-workers 2 gives the features of its images in
+    order, read by one worker (more would each inflate the whole stream), and says so."""
+    _, sample, _, sample_feats = gen_batches
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=sample)
+    features, _ = ev.extract_features(model, ev.open_images(str(tmp_path / "packed.npz")), batch_size=2, num_workers=2)
+    np.testing.assert_allclose(features["pool"], sample_feats["pool"], rtol=1e-5, atol=1e-4)
+    assert "packed.npz: arr_0 is compressed, so one DataLoader worker reads it in order" in capsys.readouterr().out
+
+
 def test_extract_features_keeps_masked_rows_and_exact_stats(model):
     images = ev.open_images("builtin:shapes:4", image_size=32)
     batch = np.stack([images[i] for i in range(4)])
@@ -386,6 +465,109 @@ def test_extract_features_keeps_masked_rows_and_exact_stats(model):
     mu, sigma = ev.compute_statistics(direct["spatial"].numpy())
     np.testing.assert_allclose(stats["spatial"][0], mu, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats["spatial"][1], sigma, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- stored statistics (ADM's rules)
+
+
+@pytest.fixture(scope="module")
+def gen_batches(model):
+    """6 reference images (shapes) and 6 sample images (noise), 32 px, with their direct Inception features."""
+    shapes = ev.open_images("builtin:shapes:6", image_size=32)
+    ref = np.stack([shapes[i] for i in range(6)])
+    sample = np.random.default_rng(14).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    feats = [{k: v.double().numpy() for k, v in ev.inception_features(model, x).items()} for x in (ref, sample)]
+    return ref, sample, feats[0], feats[1]
+
+
+def unit_stats(dim, shift=0.0, scale=1.0):
+    """mu = shift * ones, sigma = scale * I: the Frechet distance of two such is closed-form."""
+    return np.full(dim, shift), scale * np.eye(dim)
+
+
+def fid_against_identity(features):
+    """FID of a feature set's statistics against mu = 0, sigma = I: |mu|^2 + tr S + D - 2 sum sqrt(eig S)."""
+    mu, sigma = ev.compute_statistics(features)
+    eig = np.clip(np.linalg.eigvalsh(sigma), 0, None)
+    return mu @ mu + np.trace(sigma) + len(mu) - 2 * np.sqrt(eig).sum()
+
+
+def evaluate(model, ref, sample):
+    return ev.evaluate_generation(model, str(ref), str(sample), batch_size=6, num_workers=0, sqrtm="eigh")
+
+
+def test_reference_without_mu_s_gives_no_sfid(tmp_path, model, gen_batches):
+    """mu/sigma but no mu_s/sigma_s: FID from the file's mu/sigma, no sFID (ADM stops; never sFID from
+    arr_0), a note saying so, and no few-images note for the reference (its FID statistics are not
+    computed from its 6 images); precision/recall still use arr_0."""
+    ref, sample, _, sample_feats = gen_batches
+    mu, sigma = unit_stats(ev.POOL_DIM)
+    np.savez(tmp_path / "ref.npz", arr_0=ref, mu=mu, sigma=sigma)
+    np.savez(tmp_path / "sample.npz", arr_0=sample)
+    metrics, notes = evaluate(model, tmp_path / "ref.npz", tmp_path / "sample.npz")
+    assert metrics["sfid"] is None
+    assert metrics["fid"] == pytest.approx(fid_against_identity(sample_feats["pool"]), rel=1e-5)
+    assert metrics["ref_statistics"] == "mu, sigma from the file (no mu_s, sigma_s: no sFID)"
+    assert metrics["sample_statistics"] == "computed from 6 images"
+    assert any("no mu_s/sigma_s: sFID not computed" in n for n in notes)
+    assert [n for n in notes if "fewer than" in n] == [ev._few_images_note(6, f"sample {tmp_path / 'sample.npz'}")]
+    assert metrics["precision"] is not None and metrics["num_ref_images"] == 6
+
+
+def test_reference_with_only_mu_s_uses_images_for_both(tmp_path, model, gen_batches, monkeypatch):
+    """mu_s/sigma_s without mu: as ADM, both FID and sFID statistics are those of the 6 images (the
+    file's mu_s is ignored, with a note, and never mixed with image statistics), also when a feature
+    cache written by an older version lacks the spatial statistics."""
+    ref, _, ref_feats, _ = gen_batches
+    path = str(tmp_path / "spatial.npz")
+    np.savez(path, arr_0=ref, **dict(zip(("mu_s", "sigma_s"), unit_stats(ev.SPATIAL_DIM))))
+    stale = ev._cache_path(path, ev._features_key(path, model))
+    np.savez(stale, pool=np.zeros((6, ev.POOL_DIM), np.float32), mu=np.zeros(ev.POOL_DIM), sigma=np.eye(ev.POOL_DIM))
+    out = ev.reference_batch(path, model, batch_size=6, num_workers=0)
+    assert out["stats_from"] == "images" and out["cache"] == stale
+    for (m, s), kind in ((("mu", "sigma"), "pool"), (("mu_s", "sigma_s"), "spatial")):
+        mu, sigma = ev.compute_statistics(ref_feats[kind])
+        np.testing.assert_allclose(out[m], mu, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[s], sigma, rtol=1e-4, atol=1e-4)
+    assert np.abs(out["mu_s"]).max() > 0.01  # not the file's mu_s = 0
+    assert len(out["notes"]) == 1 and "has mu_s/sigma_s but no mu/sigma" in out["notes"][0] and "ignored" in out["notes"][0]
+    with np.load(stale) as f:  # the stale cache was rewritten with what this run needs
+        assert {"pool", "mu", "sigma", "mu_s", "sigma_s"} <= set(f.files) and np.abs(f["pool"]).max() > 0
+    monkeypatch.setattr(ev, "extract_features", lambda *a, **k: pytest.fail("the rewritten cache was not used"))
+    again = ev.reference_batch(path, model, batch_size=6, num_workers=0)  # now a hit, with the same statistics
+    assert again["cache"] == stale and np.array_equal(again["sigma_s"], out["sigma_s"])
+
+
+def test_sample_statistics_are_used_as_adm(tmp_path, model, gen_batches):
+    """A sample .npz with mu/sigma/mu_s/sigma_s is scored from them (closed form against a reference
+    with mu = 0, sigma = I: FID = D * shift^2 + D * (1 + s - 2 sqrt(s))), IS and precision/recall
+    from its images; without mu_s there is no sFID; wrong shapes are refused naming the file."""
+    ref, sample, _, sample_feats = gen_batches
+    (ref_mu, ref_sigma), (ref_mu_s, ref_sigma_s) = unit_stats(ev.POOL_DIM), unit_stats(ev.SPATIAL_DIM)
+    np.savez(tmp_path / "ref.npz", arr_0=ref, mu=ref_mu, sigma=ref_sigma, mu_s=ref_mu_s, sigma_s=ref_sigma_s)
+    mu, sigma = unit_stats(ev.POOL_DIM, shift=0.5, scale=4.0)
+    mu_s, sigma_s = unit_stats(ev.SPATIAL_DIM, shift=1.0)
+    np.savez(tmp_path / "sample.npz", arr_0=sample, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    metrics, notes = evaluate(model, tmp_path / "ref.npz", tmp_path / "sample.npz")
+    fid = ev.POOL_DIM * 0.5**2 + ev.POOL_DIM * (1 + 4 - 2 * 2)
+    assert metrics["fid"] == pytest.approx(fid, rel=1e-9)
+    assert metrics["sfid"] == pytest.approx(ev.SPATIAL_DIM * 1.0, rel=1e-9)
+    probs = ev.inception_probs(sample_feats["pool"], model.fc.weight.detach())
+    assert metrics["is"] == pytest.approx(ev.inception_score(probs), rel=1e-5)
+    assert metrics["precision"] is not None and metrics["num_images"] == 6
+    assert metrics["sample_statistics"] == "mu, sigma, mu_s, sigma_s from the file"
+    assert any("stores mu/sigma: its FID and sFID statistics are the file's" in n for n in notes)
+    assert not any("fewer than" in n for n in notes)  # no statistic was computed from few images
+    np.savez(tmp_path / "sample_mu.npz", arr_0=sample, mu=mu, sigma=sigma)
+    metrics, notes = evaluate(model, tmp_path / "ref.npz", tmp_path / "sample_mu.npz")
+    assert metrics["sfid"] is None and metrics["fid"] == pytest.approx(fid, rel=1e-9)
+    assert any("sample_mu.npz has mu/sigma but no mu_s/sigma_s: sFID not computed" in n for n in notes)
+    np.savez(tmp_path / "bad.npz", arr_0=sample, mu=np.zeros(10), sigma=np.eye(10))
+    with pytest.raises(ev.InputError, match=r"bad\.npz: `mu` \(10,\) and `sigma` \(10, 10\) are not FID statistics.*\(2048,\)"):
+        ev.stored_sample_statistics(ev.open_images(str(tmp_path / "bad.npz")))
+    np.savez(tmp_path / "half.npz", arr_0=sample, mu=mu)
+    with pytest.raises(ev.InputError, match=r"half\.npz has `mu` but not `sigma`"):
+        ev.stored_sample_statistics(ev.open_images(str(tmp_path / "half.npz")))
 
 
 # ----------------------------------------------------------------------------- the CLI, 1 and 2 processes
@@ -445,6 +627,8 @@ def test_cli_gen_single_and_torchrun_agree(cli_run):
     assert a["inception_weights"] == "random" and a["comparable_with_papers"] is False
     assert "not comparable to anything" in single.stdout and "FID" in single.stdout
     assert any("fewer than 2048" in n for n in a["notes"])
+    assert a["ref_statistics"] == "mu, sigma, mu_s, sigma_s from the file"  # `ref` stores all four
+    assert a["sample_statistics"] == f"computed from {N_CLI} images"
     # the reference's features come from the cache that `ref` seeded
     assert a["ref_feature_cache"] and Path(tmp / a["ref_feature_cache"]).is_file()
 
