@@ -2,7 +2,9 @@
 dict of numbers; one line per benchmark on stdout, all of them as JSON with --out.
 
 CPU tiny smoke:
-    python bench.py --only inception --preset tiny
+    python bench.py --only inception train_dit sample_dit --preset tiny
+Against the official DiT code (a clone of it on this machine; never vendored here):
+    python bench.py --only train_dit --official-dit ~/src/DiT
 One GPU:
     python bench.py --device cuda --out bench-h100.json
 torchrun: not used; every benchmark is one process (multi-GPU throughput is per-GPU throughput times N).
@@ -172,7 +174,164 @@ def bench_train_vae(args):
     return result
 
 
-BENCHMARKS = {"inception": bench_inception, "train_vae": bench_train_vae}
+def _load_official_dit(folder):
+    """The official DiT code from a local clone (--official-dit), imported under other names so
+    that it does not shadow our models.py and diffusion.py. Needs timm."""
+    import importlib.util
+    import os
+    import sys
+
+    def load(name, path, package_dir=None):
+        spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=package_dir)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    official_models = load("official_dit_models", os.path.join(folder, "models.py"))
+    official_diffusion = load("official_dit_diffusion", os.path.join(folder, "diffusion", "__init__.py"),
+                              [os.path.join(folder, "diffusion")])
+    return official_models, official_diffusion
+
+
+def _peak_matmul_flops(device, dtype, size=None, repeats=5):
+    """Measured FLOP/s of one large square matmul: the attainable peak MFU is quoted against here
+    (on CPUs no datasheet number fits the machine a run lands on)."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = _interleaved({"mm": lambda: a @ b}, device, repeats)["mm"]
+    return 2 * size**3 / seconds
+
+
+def _count_flops(fn):
+    """FLOPs of one call, counted by PyTorch's dispatcher (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_train_dit(args):
+    """One DiT training step (DDPM loss with learned sigma, backward, AdamW, EMA) and one SiT step
+    (linear velocity loss), fp32 and bf16 autocast, interleaved with the official DiT code's fp32
+    step when --official-dit points at a clone of it (same weights, same diffusion). FLOPs are
+    counted on the real step; MFU is against the measured peak of a large matmul and, on GPU, the
+    datasheet bf16 peak of H100/H200 (989 TFLOP/s dense). CPU: DiT-S/2 at 4x32x32, batch 8;
+    GPU: DiT-XL/2 at 4x32x32 (256 px), batch 32; --preset tiny: DiT-T/2 at 4x8x8, batch 8."""
+    import copy
+
+    import diffusion as D
+    import models as M
+    import utils as U
+
+    device = torch.device(args.device)
+    if args.preset == "tiny":
+        name, size, batch, repeats = "T/2", 8, 8, 3
+    elif device.type == "cuda":
+        name, size, batch, repeats = "XL/2", 32, 32, 10
+    else:
+        name, size, batch, repeats = "S/2", 32, 8, 5
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    x = torch.randn(batch, 4, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    steps, flops = {}, {}
+    for family in ("DiT", "SiT"):
+        precisions = ("fp32", "bf16") if family == "DiT" else ("bf16",)
+        for precision in precisions:
+            model = M.build_generator(f"{family}-{name}", input_size=size).to(device).train()
+            ema = copy.deepcopy(model).requires_grad_(False)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
+            objective = D.make_objective(dict(kind="diffusion") if family == "DiT" else
+                                         dict(kind="transport", path="linear", prediction="velocity", time_input="sit"), model)
+
+            def step(model=model, ema=ema, opt=opt, objective=objective, precision=precision):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = objective.training_losses(model, x, y)["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                U.update_ema(ema, model, 0.9999)
+
+            key = f"{family.lower()}_{precision}"
+            steps[key] = step
+            flops[key] = _count_flops(lambda model=model, objective=objective: objective.training_losses(model, x, y)["loss"].mean().backward())
+    if args.official_dit:
+        official_models, official_diffusion = _load_official_dit(args.official_dit)
+        theirs = official_models.DiT_models[f"DiT-{name}"](input_size=size).to(device).train()
+        theirs_ema = copy.deepcopy(theirs).requires_grad_(False)
+        theirs_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, weight_decay=0)  # DiT's optimizer
+        theirs_diffusion = official_diffusion.create_diffusion(timestep_respacing="")
+
+        def official_step():
+            t = torch.randint(0, theirs_diffusion.num_timesteps, (batch,), device=device)
+            loss = theirs_diffusion.training_losses(theirs, x, t, dict(y=y))["loss"].mean()
+            theirs_opt.zero_grad()
+            loss.backward()
+            theirs_opt.step()
+            with torch.no_grad():  # DiT's EMA: ema = decay * ema + (1 - decay) * param
+                for (_, e), (_, p) in zip(theirs_ema.named_parameters(), theirs.named_parameters()):
+                    e.mul_(0.9999).add_(p.data, alpha=1e-4)
+
+        steps["official_dit_fp32"] = official_step
+    seconds = _interleaved(steps, device, repeats)
+    peak = {dt: _peak_matmul_flops(device, dt) for dt in (torch.float32, torch.bfloat16)}
+    result = {"model": f"DiT-{name}", "latent": f"4x{size}x{size}", "batch": batch, "device": str(device),
+              "train_tflop_per_step": flops["dit_fp32"] / 1e12,
+              "measured_peak_tflops_fp32": peak[torch.float32] / 1e12, "measured_peak_tflops_bf16": peak[torch.bfloat16] / 1e12}
+    for key, s in seconds.items():
+        result[f"{key}_img_s"] = batch / s
+        if key in flops:
+            dtype = torch.bfloat16 if key.endswith("bf16") else torch.float32
+            result[f"{key}_mfu_vs_measured_peak"] = flops[key] / s / peak[dtype]
+            if device.type == "cuda" and dtype == torch.bfloat16:
+                result[f"{key}_mfu_vs_989_tflops"] = flops[key] / s / 989e12
+    if "official_dit_fp32" in seconds:
+        for key in ("dit_fp32", "dit_bf16"):
+            result[f"{key}_speedup_vs_official"] = seconds["official_dit_fp32"] / seconds[key]
+    if device.type == "cuda":
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def bench_sample_dit(args):
+    """DDPM sampling with classifier-free guidance (every step runs the conditional and the
+    null-label batch), the generator alone (decoding excluded): DiT's 250 steps; fp32 and bf16.
+    CPU: DiT-S/2 at 4x32x32, batch 4; GPU: DiT-XL/2, batch 32; --preset tiny: DiT-T/2 at 4x8x8, 25 steps."""
+    import diffusion as D
+    import models as M
+
+    device = torch.device(args.device)
+    if args.preset == "tiny":
+        name, size, batch, num_steps = "T/2", 8, 4, 25
+    elif device.type == "cuda":
+        name, size, batch, num_steps = "XL/2", 32, 32, 250
+    else:
+        name, size, batch, num_steps = "S/2", 32, 4, 250
+    torch.manual_seed(0)
+    model = M.build_generator(f"DiT-{name}", input_size=size).to(device).eval()
+    objective = D.make_objective(dict(kind="diffusion"), model)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def run(precision):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            D.generate(model, objective, D.SampleNoise(0, range(batch), device), y, "ddpm", num_steps, cfg_scale=1.5)
+
+    seconds = _interleaved({p: (lambda p=p: run(p)) for p in ("fp32", "bf16")}, device, repeats=1, warmup=0)
+    result = {"model": f"DiT-{name}", "latent": f"4x{size}x{size}", "batch": batch, "steps": num_steps, "cfg": 1.5,
+              "device": str(device)}
+    for p, s in seconds.items():
+        result[f"{p}_img_s"] = batch / s
+    return result
+
+
+BENCHMARKS = {"inception": bench_inception, "train_vae": bench_train_vae, "train_dit": bench_train_dit,
+              "sample_dit": bench_sample_dit}
 
 # ----------------------------------------------------------------------------- main
 
@@ -196,6 +355,8 @@ def parse_args(argv=None):
                         help="where to run (default: cuda when available)")
     parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: small batches and few repeats (CPU smoke runs)")
     parser.add_argument("--out", default=None, help="JSON file for all results")
+    parser.add_argument("--official-dit", default=None,
+                        help="a local clone of facebookresearch/DiT (needs timm): train_dit also times its fp32 step")
     return parser.parse_args(argv)
 
 

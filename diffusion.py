@@ -31,8 +31,11 @@ def space_timesteps(num_timesteps, num_steps):
         raise ValueError(f"cannot take {num_steps} steps out of {num_timesteps}")
     if num_steps == 1:
         return [0]
-    stride = (num_timesteps - 1) / (num_steps - 1)
-    return sorted({round(i * stride) for i in range(num_steps)})
+    stride, position, steps = (num_timesteps - 1) / (num_steps - 1), 0.0, []
+    for _ in range(num_steps):  # a running sum as IDDPM (i * stride rounds differently at exact halves)
+        steps.append(round(position))
+        position += stride
+    return sorted(set(steps))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -79,12 +82,14 @@ class GaussianDiffusion:
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # beta~_0 = 0: its log is clipped to beta~_1, as IDDPM
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        # beta~_0 = 0: its log is clipped to beta~_1, as IDDPM (a one-step process has no beta~_1:
+        # its only step returns the mean, so beta_0 stands in)
+        first = self.posterior_variance[1] if self.num_timesteps > 1 else self.betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         # fixed-large variance: beta_t, with beta~_1 at t = 0 (IDDPM)
-        self.fixed_log_variance = np.log(np.append(self.posterior_variance[1], self.betas[1:]))
+        self.fixed_log_variance = np.log(np.append(first, self.betas[1:]))
 
     def respaced(self, num_steps):
         """The process restricted to `num_steps` of the original steps (IDDPM's SpacedDiffusion):
@@ -185,20 +190,25 @@ class Transport:
         half_pi = math.pi / 2
         return torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t)
 
+    def _coefficients_like(self, t, x):
+        """coefficients(t), shaped to broadcast against x and in x's dtype (t may be float64)."""
+        return [c.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) for c in self.coefficients(t)]
+
     def network_output(self, model, xt, t, y):
         """Call the network in the time it was trained with; returns its prediction in our
         convention (a velocity in our time is minus SiT's). Extra channels (a DiT's learned-sigma
-        half) are ignored, as SiT does."""
+        half) are ignored, as SiT does. The samplers pass t in float64, so 1 - t near the ends is
+        the float32 value SiT's own grid would hold."""
         if self.time_input == "sit":
-            out = model(xt, 1 - t, y)[:, : xt.shape[1]]
+            out = model(xt, (1 - t).to(xt.dtype), y)[:, : xt.shape[1]]
             return -out if self.prediction == "velocity" else out
-        return model(xt, t, y)[:, : xt.shape[1]]
+        return model(xt, t.to(xt.dtype), y)[:, : xt.shape[1]]
 
     def velocity(self, output, xt, t):
         """Network output -> velocity dx_t/dt in our time."""
         if self.prediction == "velocity":
             return output
-        a, s, da, ds = (c.view(-1, *([1] * (xt.ndim - 1))) for c in self.coefficients(t))
+        a, s, da, ds = self._coefficients_like(t, xt)
         noise = output if self.prediction == "noise" else -s * output  # score = -noise / s
         x0 = (xt - s * noise) / a
         return da * x0 + ds * noise
@@ -206,7 +216,7 @@ class Transport:
     def score(self, velocity, xt, t):
         """grad log p_t(x_t) = -E[noise | x_t] / s(t), from the velocity: solving
         [x_t; v] = [[a, s], [a', s']] [x0; noise] gives noise = (a v - a' x_t) / (a s' - s a')."""
-        a, s, da, ds = (c.view(-1, *([1] * (xt.ndim - 1))) for c in self.coefficients(t))
+        a, s, da, ds = self._coefficients_like(t, xt)
         noise = (a * velocity - da * xt) / (a * ds - s * da)
         return -noise / s
 
@@ -221,7 +231,7 @@ class Transport:
         if t is None:
             t = torch.rand(x0.shape[0], device=x0.device) * (1 - 2 * self.eps) + self.eps
         noise = torch.randn_like(x0) if noise is None else noise
-        a, s, da, ds = (c.view(-1, *([1] * (x0.ndim - 1))) for c in self.coefficients(t))
+        a, s, da, ds = self._coefficients_like(t, x0)
         xt = a * x0 + s * noise
         output = self.network_output(model, xt, t, y).float()
         if self.prediction == "velocity":
@@ -331,9 +341,9 @@ def sample_sde(transport, fn, noise, num_steps, last_step_size=0.04, progress=Fa
     for i in _progress(range(num_steps), progress):
         t_cur, t_next = ts[i], ts[i + 1]
         dt = t_next - t_cur  # negative
-        t = torch.full((x.shape[0],), t_cur, device=x.device)
+        t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.float64)
         v = _velocity(transport, fn, x, t_cur)
-        w = transport.diffusion_coefficient(t).view(-1, *([1] * (x.ndim - 1)))
+        w = transport.diffusion_coefficient(t).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         drift = v - w * transport.score(v, x, t)
         x = x + drift * dt
         if i < num_steps - 1:
@@ -342,7 +352,7 @@ def sample_sde(transport, fn, noise, num_steps, last_step_size=0.04, progress=Fa
 
 
 def _velocity(transport, fn, x, t_scalar):
-    t = torch.full((x.shape[0],), t_scalar, device=x.device)
+    t = torch.full((x.shape[0],), t_scalar, device=x.device, dtype=torch.float64)
     model = lambda xt, t_net, y: fn(xt, t_net, t_scalar)  # noqa: E731 (labels are bound in fn)
     return transport.velocity(transport.network_output(model, x, t, None).float(), x, t)
 

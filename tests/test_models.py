@@ -1,10 +1,13 @@
-"""Autoencoders against diffusers, checkpoint formats, the VQ quantizer and the EQ transforms."""
+"""Autoencoders against diffusers, checkpoint formats, the VQ quantizer, the EQ transforms, and the
+DiT/SiT backbone against the official parameter names, counts and formulas."""
 import argparse
 import io
+import math
 import os
 import random
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,3 +302,237 @@ def test_smooth_images_are_nearly_equivariant_at_every_grid_scale():
         assert (a - b).norm() / b.norm() < 0.05
         shifted = torch.roll(b, 1, dims=-1)
         assert (a - shifted).norm() / b.norm() > 0.2
+
+
+# ----------------------------------------------------------------------------- DiT / SiT
+
+# (depth, hidden size, heads) of the DiT paper's Table 1; T is ours, for CPU tests
+PAPER_SIZES = {"T": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def official_dit_shapes(depth, D, p, input_size=32, in_channels=4, learn_sigma=True, num_classes=1000):
+    """Parameter names and shapes of the official DiT/SiT models.py (timm Attention and Mlp,
+    adaLN-Zero, a 256-dim frequency input to the timestep MLP, a null-class row), written out."""
+    out = p * p * in_channels * (2 if learn_sigma else 1)
+    shapes = {
+        "pos_embed": (1, (input_size // p) ** 2, D),
+        "x_embedder.proj.weight": (D, in_channels, p, p), "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (num_classes + 1, D),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
+            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+            b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
+            b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
+            b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,),
+        })
+    shapes.update({
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+        "final_layer.linear.weight": (out, D), "final_layer.linear.bias": (out,),
+    })
+    return shapes
+
+
+def official_state_dict(name, seed=0, **kwargs):
+    """Random tensors under the official names and shapes for a registry name like "DiT-S/2"."""
+    size, p = name.split("-")[1].split("/")
+    depth, D, _ = PAPER_SIZES[size]
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) for k, shape in official_dit_shapes(depth, D, int(p), **kwargs).items()}
+
+
+def random_dit(name="DiT-T/2", seed=0, **kwargs):
+    """A registry model on 8x8 latents with every trainable weight random (the init zeroes adaLN
+    and the output layer, which would make every output 0), in eval mode."""
+    torch.manual_seed(seed)
+    model = models.build_generator(name, **{"input_size": 8, **kwargs})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_generator_registry_parameter_counts():
+    """Every DiT_models/SiT_models entry builds on the meta device with the count of the official
+    parameter list (input 32, 1000 classes, learned sigma). DiT-XL/2 has the official 675,129,632
+    (pos_embed included); without the frozen pos_embed, S/2, B/2, L/2, XL/2 round to the paper's
+    33M, 130M, 458M, 675M (with it B/2 is 130.5M)."""
+    assert set(models.DiT_models) == {f"DiT-{s}/{p}" for s in PAPER_SIZES for p in (1, 2, 4, 8)}
+    assert set(models.SiT_models) == {f"SiT-{s}/{p}" for s in PAPER_SIZES for p in (1, 2, 4, 8)}
+    trainable = {}
+    with torch.device("meta"):
+        for name, constructor in {**models.DiT_models, **models.SiT_models}.items():
+            model = constructor()
+            size, p = name.split("-")[1].split("/")
+            depth, D, heads = PAPER_SIZES[size]
+            expected = sum(math.prod(s) for s in official_dit_shapes(depth, D, int(p)).values())
+            assert sum(q.numel() for q in model.parameters()) == expected, name
+            assert model.blocks[0].attn.num_heads == heads and len(model.blocks) == depth
+            trainable[name] = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    assert sum(math.prod(s) for s in official_dit_shapes(28, 1152, 2).values()) == 675_129_632
+    for name, millions in {"S/2": 33, "B/2": 130, "L/2": 458, "XL/2": 675}.items():
+        assert round(trainable[f"DiT-{name}"] / 1e6) == millions == round(trainable[f"SiT-{name}"] / 1e6)
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4", "SiT-S/2"])
+def test_official_state_dict_loads_strictly(name):
+    """A state dict with exactly the official names and shapes (input 32) loads with strict=True and
+    every tensor lands under its name; a shape off by one row is refused. DiT-B/4 is checked on the
+    meta device (names and shapes only)."""
+    if name == "DiT-B/4":
+        with torch.device("meta"):
+            model = models.build_generator(name, input_size=32)
+            sd = {k: torch.empty(s) for k, s in official_dit_shapes(12, 768, 4).items()}
+        model.load_state_dict(sd, strict=True)
+    else:
+        model = models.build_generator(name, input_size=32)
+        sd = official_state_dict(name)
+        model.load_state_dict(sd, strict=True)
+        ours = model.state_dict()
+        assert all(torch.equal(ours[k], v) for k, v in sd.items())
+    bad = dict(sd, **{"y_embedder.embedding_table.weight": sd["y_embedder.embedding_table.weight"][:-1]})
+    with pytest.raises(RuntimeError, match="y_embedder.embedding_table.weight"):
+        model.load_state_dict(bad, strict=True)
+
+
+def test_load_generator_reads_official_pt_files(tmp_path):
+    """load_generator on an official .pt: the architecture comes from --model, input size, sigma
+    channels and class count from the shapes (all non-default here), the recipe is the official
+    one; without --model the error names the flag; {"ema", "model"} loads "ema"."""
+    sd = official_state_dict("DiT-S/2", input_size=16, learn_sigma=False, num_classes=10)
+    torch.save(sd, tmp_path / "official.pt")
+    model, recipe = models.load_generator(str(tmp_path / "official.pt"), model_name="DiT-S/2")
+    assert {k: model.config[k] for k in ("input_size", "learn_sigma", "num_classes", "family", "depth", "hidden_size")} == dict(
+        input_size=16, learn_sigma=False, num_classes=10, family="dit", depth=12, hidden_size=384)
+    assert torch.equal(model.blocks[11].mlp.fc2.weight, sd["blocks.11.mlp.fc2.weight"])
+    assert recipe == models.released_recipe("DiT-S/2", 128) and recipe["objective"]["kind"] == "diffusion"
+    with pytest.raises(ValueError, match="--model"):
+        models.load_generator(str(tmp_path / "official.pt"))
+    # a training checkpoint: the EMA weights, SiT's recipe
+    ema, raw = official_state_dict("SiT-T/2", seed=1, input_size=8), official_state_dict("SiT-T/2", seed=2, input_size=8)
+    torch.save({"model": raw, "ema": ema, "opt": {}}, tmp_path / "train.pt")
+    model, recipe = models.load_generator(str(tmp_path / "train.pt"), model_name="SiT-T/2")
+    assert torch.equal(model.final_layer.linear.weight, ema["final_layer.linear.weight"])
+    assert model.family == "sit" and recipe["objective"] == dict(kind="transport", path="linear", prediction="velocity", time_input="sit")
+
+
+def test_pretrained_generator_names_resolve_through_the_cache(tmp_path, monkeypatch):
+    """Offline, a released name fails with the URL and the path to place the file at; a file already
+    at that path is loaded by name without any network (a DiT-T/2-sized fake registry entry)."""
+    monkeypatch.setenv("EQVAE_CACHE", str(tmp_path))
+    attempts = []
+
+    def no_network(*a, **k):
+        attempts.append(a)
+        raise OSError("offline")
+
+    monkeypatch.setattr(utils.urllib.request, "urlopen", no_network)
+    with pytest.raises(RuntimeError) as e:
+        models.load_generator("DiT-XL/2-256")
+    assert models.PRETRAINED_GENERATORS["DiT-XL/2-256"]["url"] in str(e.value)
+    assert str(tmp_path / "generators" / "DiT-XL-2-256x256.pt") in str(e.value)
+    attempts.clear()
+    monkeypatch.setitem(models.PRETRAINED_GENERATORS, "DiT-T/2-64", dict(
+        model="DiT-T/2", image_size=64, filename="DiT-T-2-64x64.pt", url="https://example.invalid/DiT-T-2-64x64.pt"))
+    sd = official_state_dict("DiT-T/2", input_size=8)
+    torch.save(sd, tmp_path / "generators" / "DiT-T-2-64x64.pt")
+    model, recipe = models.load_generator("DiT-T/2-64")
+    assert attempts == []
+    assert torch.equal(model.pos_embed, sd["pos_embed"]) and torch.equal(model.blocks[3].attn.qkv.bias, sd["blocks.3.attn.qkv.bias"])
+    assert recipe == models.released_recipe("DiT-T/2", 64)
+
+
+@pytest.mark.parametrize("name", ["DiT-T/2", "SiT-T/2"])
+def test_forward_with_cfg_against_two_plain_forwards(name):
+    """forward_with_cfg on [x, x] with labels [y, null]: scale 1 gives the conditional output;
+    scale s gives uncond + s (cond - uncond) on the latent channels of both halves, computed from
+    two plain forwards, each half keeping its own variance channels (DiT); cfg_channels=3 guides
+    channels 0..2 only (the official DiT/SiT), channel 3 stays conditional."""
+    model = random_dit(name, num_classes=10)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.tensor([1, 7])
+    null = torch.full_like(y, model.num_classes)
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, null)
+        def cfg(scale, channels=None):
+            return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), scale, channels)
+        close = dict(rtol=1e-4, atol=1e-5)
+        assert cond.shape[1] == (8 if model.family == "dit" else 4)
+        torch.testing.assert_close(cfg(1.0)[:2], cond, **close)
+        guided = uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4])
+        assert (guided - cond[:, :4]).abs().max() > 1e-2
+        out = cfg(4.0)
+        torch.testing.assert_close(out[:2, :4], guided, **close)
+        torch.testing.assert_close(out[2:, :4], guided, **close)
+        torch.testing.assert_close(out[:2, 4:], cond[:, 4:], **close)
+        torch.testing.assert_close(out[2:, 4:], uncond[:, 4:], **close)
+        out3 = cfg(4.0, 3)
+        torch.testing.assert_close(out3[:2, :3], guided[:, :3], **close)
+        torch.testing.assert_close(out3[:2, 3:], cond[:, 3:], **close)
+
+
+def test_dropped_labels_use_the_null_class():
+    """LabelEmbedder: forced drops and train-mode dropout (probability 1) map to row num_classes of
+    the table; eval mode never drops; no null row without dropout (the official tables). Through
+    the model: with dropout 1, train-mode outputs ignore the label, eval-mode ones do not."""
+    emb = models.LabelEmbedder(10, 16, 0.1)
+    table = emb.embedding_table.weight
+    assert table.shape == (11, 16)
+    labels = torch.tensor([3, 5, 9])
+    assert torch.equal(emb(labels, False, force_drop_ids=torch.tensor([1, 0, 1])), table[[10, 5, 10]])
+    always = models.LabelEmbedder(10, 16, 1.0)
+    assert torch.equal(always(labels, True), always.embedding_table.weight[[10, 10, 10]])
+    assert torch.equal(always(labels, False), always.embedding_table.weight[labels])
+    never = models.LabelEmbedder(10, 16, 0.0)
+    assert never.embedding_table.weight.shape == (10, 16) and torch.equal(never(labels, True), never.embedding_table.weight[labels])
+    model = random_dit(num_classes=10, class_dropout_prob=1.0)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([100])
+    with torch.no_grad():
+        model.train()
+        assert torch.equal(model(x, t, torch.tensor([3])), model(x, t, torch.tensor([7])))
+        assert torch.equal(model(x, t, torch.tensor([3])), model(x, t, torch.tensor([10])))
+        model.eval()
+        assert (model(x, t, torch.tensor([3])) - model(x, t, torch.tensor([7]))).abs().max() > 1e-3
+
+
+def mae_pos_embed(D, G):
+    """MAE's 2-D sin-cos table written out in numpy: token k = row * G + col; channels [0, D/2)
+    encode the column, [D/2, D) the row; in each half sin(pos * omega) then cos(pos * omega),
+    omega_i = 1 / 10000^(2i / (D/2)), i < D/4."""
+    d = D // 2
+    omega = 1.0 / 10000 ** (2 * np.arange(d // 2) / d)
+    out = np.zeros((G * G, D))
+    for row in range(G):
+        for col in range(G):
+            out[row * G + col] = np.concatenate([np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)])
+    return out
+
+
+@pytest.mark.parametrize("name,input_size", [("DiT-T/2", 8), ("DiT-T/2", 16), ("SiT-T/4", 8)])
+def test_pos_embed_is_the_mae_sincos_table(name, input_size):
+    """The fixed positional table equals MAE's formula (computed independently), is frozen and is
+    saved under the official name."""
+    model = models.build_generator(name, input_size=input_size)
+    G = input_size // model.patch_size
+    np.testing.assert_allclose(model.pos_embed[0].numpy(), mae_pos_embed(128, G), rtol=0, atol=1e-6)
+    assert not model.pos_embed.requires_grad and "pos_embed" in model.state_dict()
+    np.testing.assert_allclose(models.sincos_pos_embed_2d(96, 5).numpy(), mae_pos_embed(96, 5), rtol=0, atol=1e-6)
+
+
+def test_sit_output_is_the_first_half_of_dit():
+    """SiT's forward returns in_channels channels even with learn_sigma (its checkpoint keeps the
+    sigma weights), equal to the first half of a DiT with the same weights."""
+    dit = random_dit("DiT-T/2")
+    sit = models.build_generator("SiT-T/2", input_size=8).eval()
+    sit.load_state_dict(dit.state_dict(), strict=True)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8]), torch.tensor([2, 999])
+    with torch.no_grad():
+        d, s = dit(x, t, y), sit(x, t, y)
+    assert d.shape == (2, 8, 8, 8) and s.shape == (2, 4, 8, 8)
+    assert torch.equal(s, d[:, :4])
+    assert (d[:, 4:] - d[:, :4]).abs().max() > 1e-3  # the halves differ, so the slice is the right one
+    assert models.build_generator("SiT-T/2", input_size=8, learn_sigma=False).final_layer.linear.out_features == 2 * 2 * 4
