@@ -209,12 +209,13 @@ def _rotate(points, cx, cy, angle):
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
 
 
-def render_shape(index, image_size, seed=0):
+def render_shape(index, image_size, seed=0, plain=False):
     """Deterministic image `index` of the procedural dataset: (PIL RGB, label).
 
     A shape of class `index % 10`, random colour, size, rotation and position, on a textured
-    background (colour gradient + stripes or checkers + noise). Drawn at 4x and box-downsampled
-    so edges are anti-aliased at any resolution.
+    background (colour gradient + stripes or checkers + noise), or with `plain` on a flat
+    background of the gradient's mean colour (the same shape: every random draw is kept). Drawn
+    at 4x and box-downsampled so edges are anti-aliased at any resolution.
     """
     rng = random.Random(seed * 1_000_003 + index)
     label = index % len(SHAPE_CLASSES)
@@ -235,6 +236,8 @@ def render_shape(index, image_size, seed=0):
     bg += rng.uniform(10, 40) * pattern[..., None]
     noise = np.random.default_rng(seed * 7919 + index).normal(0, rng.uniform(2, 10), (S // 4, S // 4, 1))
     bg += np.kron(noise, np.ones((4, 4, 1)))
+    if plain:
+        bg = np.broadcast_to((c0 + c1) / 2, bg.shape)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     # the shape: colour far from the background mean so it stays visible
@@ -281,36 +284,41 @@ def render_shape(index, image_size, seed=0):
 
 class ShapesDataset(torch.utils.data.Dataset):
     """`builtin:shapes[:N[:SEED]]`: N procedural images (default 10000) of 10 shape classes,
-    identical for a seed on every machine; nothing to download."""
+    identical for a seed on every machine; nothing to download. `builtin:shapes-plain` draws the
+    same shapes on flat backgrounds (an easier set for the CPU demos)."""
 
     classes = SHAPE_CLASSES
     num_classes = len(SHAPE_CLASSES)
 
-    def __init__(self, num_images, image_size, seed=0, flip=False):
-        self.num_images, self.image_size, self.seed, self.flip = num_images, image_size, seed, flip
+    def __init__(self, num_images, image_size, seed=0, flip=False, plain=False):
+        self.num_images, self.image_size, self.seed, self.flip, self.plain = num_images, image_size, seed, flip, plain
         self.epoch = 0
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, index):
-        img, label = render_shape(index, self.image_size, self.seed)
+        img, label = render_shape(index, self.image_size, self.seed, self.plain)
         if self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img), label
 
 
+BUILTIN_DATASETS = ("shapes", "shapes-plain")
+
+
 def parse_builtin(spec):
-    """'builtin:shapes', 'builtin:shapes:N' or 'builtin:shapes:N:SEED' -> (N, seed)."""
+    """'builtin:NAME', 'builtin:NAME:N' or 'builtin:NAME:N:SEED' -> (NAME, N, seed), NAME in
+    BUILTIN_DATASETS."""
     parts = spec.split(":")
-    if parts[:2] != ["builtin", "shapes"] or len(parts) > 4:
-        raise ValueError(f"unknown built-in dataset {spec!r}: use builtin:shapes[:N[:SEED]]")
+    if len(parts) < 2 or parts[0] != "builtin" or parts[1] not in BUILTIN_DATASETS or len(parts) > 4:
+        raise ValueError(f"unknown built-in dataset {spec!r}: use builtin:shapes[:N[:SEED]] or builtin:shapes-plain[:N[:SEED]]")
     try:
         n = int(parts[2]) if len(parts) > 2 else 10000
         seed = int(parts[3]) if len(parts) > 3 else 0
     except ValueError:
-        raise ValueError(f"{spec!r}: N and SEED in builtin:shapes:N:SEED must be integers") from None
-    return n, seed
+        raise ValueError(f"{spec!r}: N and SEED in builtin:{parts[1]}:N:SEED must be integers") from None
+    return parts[1], n, seed
 
 
 def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=True, min_size=None, seed=0):
@@ -318,8 +326,8 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
 
     `seed` seeds the augmentations (crops, flips); set `dataset.epoch` before each epoch."""
     if data_path.startswith("builtin:"):
-        n, shape_seed = parse_builtin(data_path)
-        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip)
+        name, n, shape_seed = parse_builtin(data_path)
+        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, plain=name == "shapes-plain")
     return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders,
                               min_size=min_size, seed=seed)
 

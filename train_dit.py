@@ -318,10 +318,6 @@ def check_args(args, world_size):
     for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size"):
         if getattr(args, flag) <= 0:
             utils.fail(f"--{flag.replace('_', '-')} must be a positive integer")
-    if args.objective is None:  # DiT trains with DDPM, SiT with the interpolant (the official recipes)
-        args.objective = "transport" if args.model.startswith("SiT") else "diffusion"
-    if args.sampler is None:
-        args.sampler = "ddim" if args.objective == "diffusion" else "euler"
     if (args.objective == "diffusion") != (args.sampler in ("ddpm", "ddim")):
         utils.fail(f"--sampler {args.sampler} does not fit --objective {args.objective} (diffusion: ddpm, ddim; "
                    f"transport: euler, heun, sde)")
@@ -426,6 +422,10 @@ def parse_args(argv=None):
         p.set_defaults(**PRESETS[args.preset])
         args = p.parse_args(argv)  # flags given on the command line still win over the preset
     args.cli_flags = sorted(utils.explicit_flags(p, argv))
+    if args.objective is None:  # DiT trains with DDPM, SiT with the interpolant (the official recipes)
+        args.objective = "transport" if args.model.startswith("SiT") else "diffusion"
+    if args.sampler is None:
+        args.sampler = "ddim" if args.objective == "diffusion" else "euler"
     return args
 
 

@@ -161,8 +161,8 @@ def held_out_batch(args, dataset):
     if args.val_data_path:
         dataset = data.make_dataset(args.val_data_path, args.image_size, crop="adm")
     elif args.data_path.startswith("builtin:"):
-        seed = 10_000 + data.parse_builtin(args.data_path)[1]
-        dataset = data.make_dataset(f"builtin:shapes:{args.num_eval_images}:{seed}", args.image_size)
+        name, _, seed = data.parse_builtin(args.data_path)
+        dataset = data.make_dataset(f"builtin:{name}:{args.num_eval_images}:{10_000 + seed}", args.image_size)
     else:
         paths = [p for p, _ in dataset.samples[: args.num_eval_images]]
         return torch.stack([data.preprocess(data.load_rgb(p), args.image_size, crop="adm") for p in paths])

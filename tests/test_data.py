@@ -93,6 +93,22 @@ def test_builtin_shapes_is_deterministic():
         data.make_dataset("builtin:circles", 32)
 
 
+def test_plain_shapes_keep_the_shape_on_a_flat_background():
+    """builtin:shapes-plain draws image i's shape exactly as builtin:shapes does, on one flat colour."""
+    textured = data.make_dataset("builtin:shapes:10:0", 64)
+    plain = data.make_dataset("builtin:shapes-plain:10:0", 64)
+    for i in range(10):
+        (x, y), (p, q) = textured[i], plain[i]
+        assert y == q == i % 10
+        corner = p[:, :4, :4].reshape(3, -1)  # shapes stay r away from the border at 4x: corners are background
+        assert (corner - corner[:, :1]).abs().max() < 1e-6
+        # where the plain image differs from its background colour lies the shape, identical in both
+        background = p[:, 0, 0].view(3, 1, 1)
+        shape = (p - background).abs().amax(0) > 0.5
+        assert shape.sum() > 20 and (x - p).abs().amax(0)[shape].median() < 0.1
+    assert not torch.equal(textured[0][0], plain[0][0])
+
+
 def test_epoch_indices_shard_one_permutation():
     shards = [data.epoch_indices(103, epoch=2, seed=5, rank=r, world_size=4) for r in range(4)]
     assert all(len(s) == 25 for s in shards)  # 103 - 3 dropped, 25 each
