@@ -61,14 +61,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import linalg
 from scipy.special import xlogy
 from tqdm import tqdm
 
 import models
 from data import list_images, load_rgb, make_dataset
-from utils import cleanup, download, fail, is_main, load_checkpoint, print0, setup_distributed, write_json
+from utils import (cleanup, download, fail, is_main, load_checkpoint, print0, save_labelled_grid, setup_distributed,
+                   write_json)
 
 # ----------------------------------------------------------------------------- constants
 
@@ -1370,32 +1371,6 @@ def pca_rgb(latents):
     lo, hi = P.amin(0), P.amax(0)
     P = (P - lo) / (hi - lo).clamp_min(1e-12)
     return P.reshape(N, h, w, 3).permute(0, 3, 1, 2).float()
-
-
-def save_labelled_grid(columns, labels, path, min_size=128):
-    """One PNG: a column per (N, 3, H, W) tensor in [0, 1] (all the same size), a row per image, under
-    a header naming each column (labels may hold one line break). Images smaller than min_size
-    pixels are enlarged by an integer factor with nearest neighbours, so pixels stay visible."""
-    from torchvision.utils import make_grid
-
-    cells = torch.stack([c.float().cpu().clamp(0, 1) for c in columns], 1).flatten(0, 1)  # (N*cols, 3, H, W)
-    factor = max(1, min_size // cells.shape[-1])
-    if factor > 1:
-        cells = F.interpolate(cells, scale_factor=factor, mode="nearest")
-    grid = make_grid(cells, nrow=len(columns), padding=2, pad_value=1.0)
-    body = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    lines = max(len(label.split("\n")) for label in labels)
-    header = 12 * lines + 4
-    canvas = Image.new("RGB", (body.width, body.height + header), "white")
-    canvas.paste(body, (0, header))
-    draw = ImageDraw.Draw(canvas)
-    cell_w = cells.shape[-1] + 2
-    max_chars = max(4, cell_w // 6)
-    for j, label in enumerate(labels):
-        for i, line in enumerate(label.split("\n")):
-            line = line if len(line) <= max_chars else ".." + line[-(max_chars - 2):]
-            draw.text((4 + j * cell_w, 2 + 12 * i), line, fill=(0, 0, 0))
-    canvas.save(path)
 
 
 def vae_labels(specs):

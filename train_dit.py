@@ -173,15 +173,8 @@ def main(args):
     # run folder, logger, args.json
     run_dir = args.run_dir or (utils.run_dir_of(resume_path) if resume_path else
                                utils.make_run_dir(args.results_dir, f"{args.model}-{args.objective}"))
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        utils.write_json(os.path.join(run_dir, "args.json"), vars(args))
-    utils.barrier()
-    logger = utils.Logger(run_dir)
-    logger.info(f"run folder {run_dir}; world size {world_size}; device {device}; precision {precision}")
-    for note in notes:
-        logger.info(note)
+    logger, ckpt_dir = utils.open_run(run_dir, args, f"run folder {run_dir}; world size {world_size}; device {device}; "
+                                      f"precision {precision}", notes)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{args.model} ({num_params / 1e6:.2f}M parameters) on {C}x{h}x{w} latents of {meta['vae']}, "
                 f"{meta['num_classes']} classes; objective {args.objective}"
@@ -274,14 +267,8 @@ def main(args):
                 count += 1
 
                 if step % args.log_every == 0 or step == max_steps:
-                    means = utils.all_reduce_mean({k: float(v) / count for k, v in sums.items()}, device)
-                    dt = time.time() - t0
-                    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                    record = {f"train/{k}": v for k, v in means.items()}
-                    record.update({"train/lr": args.lr, "train/steps_per_sec": count / dt,
-                                   "train/images_per_sec": count * args.global_batch_size / dt, "train/peak_mem_gb": peak})
-                    logger.info(f"step {step}/{max_steps} " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in record.items()))
-                    logger.metrics(step, record)
+                    utils.log_interval(logger, step, max_steps, sums, count, time.time() - t0, args.lr,
+                                       args.global_batch_size, device)
                     sums, count, t0 = {}, 0, time.time()
                 if step % args.ckpt_every == 0 or step == max_steps or stop_now:
                     save()
@@ -358,9 +345,9 @@ PRESETS = {
                  max_steps=4, log_every=2, ckpt_every=2, sample_every=4, num_steps=4, grid_rows=1, cache_batch_size=8,
                  num_workers=0, results_dir="results"),
     # the README demo (see run_demo)
-    "demo": dict(vae="results/demo/eq-vae/autoencoder.pt", data_path="builtin:shapes:10000", image_size=32,
-                 model="DiT-T/2", global_batch_size=32, max_steps=3000, lr=1e-3, ema_decay=0.999, log_every=250,
-                 ckpt_every=3000, sample_every=3000, num_steps=50, cfg_scale=4.0, grid_rows=4, cache_batch_size=64,
+    "demo": dict(vae="results/demo/eq-vae/autoencoder.pt", data_path="builtin:shapes-plain:10000", image_size=32,
+                 model="DiT-T/2", global_batch_size=32, max_steps=6000, lr=1e-3, ema_decay=0.999, log_every=500,
+                 ckpt_every=6000, sample_every=6000, num_steps=50, cfg_scale=4.0, grid_rows=4, cache_batch_size=64,
                  num_workers=0, latent_norm="channel", results_dir="results"),
 }
 

@@ -20,7 +20,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
 
 import data
 import models
@@ -139,19 +138,18 @@ def reconstruct(ae, x, latent_fn=None):
 
 @torch.no_grad()
 def save_figure2(ae, x, path, args, scale=0.5, k=0):
-    """Figure 2 layout, one row per image: x | D(E(x)) | tau x | D(E(tau x)) | D(tau E(x)).
-    Smaller images are padded to the input size so the grid is rectangular."""
+    """Figure 2 layout, one row per image, labelled columns: x | D(E(x)) | tau x | D(E(tau x)) |
+    D(tau E(x)). Smaller images are padded to the input size so the grid is rectangular."""
     ae.eval()
     lat = x.shape[-2] // ae.downsample_factor, x.shape[-1] // ae.downsample_factor
     tau = models.eq_transform(*lat, k=k, scale=scale)
     fn = lambda v: models.apply_eq_transform(v, tau, args.interp, args.antialias)
     columns = [x, reconstruct(ae, x), fn(x), reconstruct(ae, fn(x)), reconstruct(ae, x, latent_fn=fn)]
     H, W = x.shape[-2:]
-    columns = [F.pad(c, (0, W - c.shape[-1], 0, H - c.shape[-2]), value=1.0) for c in columns]
-    grid = torch.stack(columns, dim=1).flatten(0, 1)  # (N*5, C, H, W), row-major
-    if H < 128:  # small demo images: nearest upscaling so a person can see them
-        grid = F.interpolate(grid, scale_factor=128 // H, mode="nearest")
-    save_image((grid.clamp(-1, 1) + 1) / 2, path, nrow=len(columns), padding=2, pad_value=1.0)
+    columns = [(F.pad(c, (0, W - c.shape[-1], 0, H - c.shape[-2]), value=1.0).clamp(-1, 1) + 1) / 2 for c in columns]
+    what = f"scale {scale:g}" if k == 0 else f"rot {90 * k}" + (f", scale {scale:g}" if scale != 1 else "")
+    labels = ["x", "D(E(x))", f"tau x\n{what}", "D(E(tau x))", "D(tau E(x))"]
+    utils.save_labelled_grid(columns, labels, path)  # small demo images are enlarged so a person can see them
     ae.train()
 
 
@@ -250,15 +248,8 @@ def main(args):
     else:
         vae_name = os.path.basename(str(args.vae).rstrip("/"))
         run_dir = args.run_dir or utils.make_run_dir(args.results_dir, f"{vae_name}-{args.eq_mode}")
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        utils.write_json(os.path.join(run_dir, "args.json"), vars(args))
-    utils.barrier()
-    logger = utils.Logger(run_dir)
-    logger.info(f"run folder {run_dir}; world size {world_size}; device {device}; precision {precision}")
-    for note in notes:
-        logger.info(note)
+    logger, ckpt_dir = utils.open_run(run_dir, args, f"run folder {run_dir}; world size {world_size}; device {device}; "
+                                      f"precision {precision}", notes)
     ae.to(device).train()
     disc.to(device).train()
     ema = copy.deepcopy(ae).requires_grad_(False).eval() if args.ema_decay > 0 else None
@@ -408,15 +399,7 @@ def main(args):
             count += 1
 
             if step % args.log_every == 0 or step == max_steps:
-                means = utils.all_reduce_mean({k: float(v) / count for k, v in sums.items()}, device)
-                dt = time.time() - t0
-                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                record = {f"train/{k}": v for k, v in means.items()}
-                record.update({"train/lr": lr, "train/steps_per_sec": count / dt,
-                               "train/images_per_sec": count * effective_batch / dt, "train/peak_mem_gb": peak})
-                logger.info(f"step {step}/{max_steps} " + " ".join(
-                    f"{k.split('/')[1]}={v:.4g}" for k, v in record.items()))
-                logger.metrics(step, record)
+                utils.log_interval(logger, step, max_steps, sums, count, time.time() - t0, lr, effective_batch, device)
                 sums, count, t0 = {}, 0, time.time()
             if step % args.eval_every == 0 or step == max_steps:
                 target_model = ema if ema is not None else ae
@@ -524,7 +507,7 @@ def run_demo(args):
         if name != "base":
             save_figure2(ae, x[:6], os.path.join(results_dir, f"figure2-{name}.png"), args, scale=0.5)
             save_figure2(ae, x[:6], os.path.join(results_dir, f"figure2-{name}-rot.png"), args, scale=1.0, k=1)
-    lines = ["", f"EQ-VAE demo ({args.num_demo_eval} held-out builtin:shapes images, {args.image_size}px)",
+    lines = ["", f"EQ-VAE demo ({args.num_demo_eval} held-out builtin:{data.parse_builtin(args.data_path)[0]} images, {args.image_size}px)",
              f"{'model':<10} {'rot. eq. error':>15} {'scale eq. error':>16} {'PSNR (dB)':>10}"]
     for name, m in table.items():
         lines.append(f"{name:<10} {m['eq_err_rot']:>15.4f} {m['eq_err_scale']:>16.4f} {m['psnr']:>10.2f}")
@@ -543,8 +526,8 @@ PRESETS = {
                  max_steps=4, lr=1e-4, disc_start=0, disc_channels=8, disc_layers=2, lpips_random=True, num_workers=0,
                  log_every=2, ckpt_every=2, eval_every=4, num_eval_images=4, results_dir="results"),
     # the README demo: standard objective, then control vs EQ-VAE branches (see run_demo)
-    "demo": dict(vae="scratch:tiny", data_path="builtin:shapes:20000", image_size=32, global_batch_size=16, grad_accum=1,
-                 max_steps=600, lr=2e-4, perceptual_weight=0.0, disc_weight=0.0, lowres_prob=0.0, num_workers=0,
+    "demo": dict(vae="scratch:tiny", data_path="builtin:shapes-plain:20000", image_size=32, global_batch_size=16, grad_accum=1,
+                 max_steps=600, lr=1e-3, perceptual_weight=0.0, disc_weight=0.0, lowres_prob=0.0, num_workers=0,
                  antialias=True,  # a 0.25 downscale of a 32 px image without a low-pass is mostly aliasing
                  log_every=100, ckpt_every=600, eval_every=600, num_eval_images=8, results_dir="results"),
 }

@@ -242,6 +242,32 @@ def explicit_flags(parser, argv=None):
     return set(vars(bare.parse_args(argv)))
 
 
+def open_run(run_dir, args, first_line, notes=()):
+    """Rank 0 creates run_dir/checkpoints and writes args.json; every rank gets a logger that has
+    logged `first_line` and the notes. Returns (logger, checkpoint folder)."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if is_main():
+        os.makedirs(ckpt_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "args.json"), vars(args))
+    barrier()
+    logger = Logger(run_dir)
+    for line in (first_line, *notes):
+        logger.info(line)
+    return logger, ckpt_dir
+
+
+def log_interval(logger, step, max_steps, sums, count, seconds, lr, images_per_step, device):
+    """One dense line and one metrics.jsonl record for a log interval: the per-step sums averaged
+    over the interval and the ranks (one all-reduce), lr, steps/s, images/s, peak GPU memory."""
+    means = all_reduce_mean({k: float(v) / count for k, v in sums.items()}, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    record = {f"train/{k}": v for k, v in means.items()}
+    record.update({"train/lr": lr, "train/steps_per_sec": count / seconds,
+                   "train/images_per_sec": count * images_per_step / seconds, "train/peak_mem_gb": peak})
+    logger.info(f"step {step}/{max_steps} " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in record.items()))
+    logger.metrics(step, record)
+
+
 def resolve_resume(path):
     """--resume takes a checkpoint, a run folder, or its checkpoints/ folder (then latest.pt)."""
     for candidate in (path, os.path.join(path, "latest.pt"), os.path.join(path, "checkpoints", "latest.pt")):
