@@ -213,9 +213,10 @@ def render_shape(index, image_size, seed=0, plain=False):
     """Deterministic image `index` of the procedural dataset: (PIL RGB, label).
 
     A shape of class `index % 10`, random colour, size, rotation and position, on a textured
-    background (colour gradient + stripes or checkers + noise), or with `plain` on a flat
-    background of the gradient's mean colour (the same shape: every random draw is kept). Drawn
-    at 4x and box-downsampled so edges are anti-aliased at any resolution.
+    background (colour gradient + stripes or checkers + noise). With `plain` the same class, colour
+    and rotation (every random draw is kept), centred at one size on a flat background of the
+    gradient's mean colour: an easier set, where the class decides most of the image. Drawn at 4x
+    and box-downsampled so edges are anti-aliased at any resolution.
     """
     rng = random.Random(seed * 1_000_003 + index)
     label = index % len(SHAPE_CLASSES)
@@ -245,6 +246,8 @@ def render_shape(index, image_size, seed=0, plain=False):
     r = rng.uniform(0.18, 0.38) * S
     cx, cy = rng.uniform(r, S - r), rng.uniform(r, S - r)
     angle = rng.uniform(0, 2 * math.pi)
+    if plain:
+        r, cx, cy = 0.32 * S, S / 2, S / 2
     name = SHAPE_CLASSES[label]
     if name == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
@@ -285,7 +288,7 @@ def render_shape(index, image_size, seed=0, plain=False):
 class ShapesDataset(torch.utils.data.Dataset):
     """`builtin:shapes[:N[:SEED]]`: N procedural images (default 10000) of 10 shape classes,
     identical for a seed on every machine; nothing to download. `builtin:shapes-plain` draws the
-    same shapes on flat backgrounds (an easier set for the CPU demos)."""
+    same classes, colours and rotations centred on flat backgrounds (an easier set for the CPU demos)."""
 
     classes = SHAPE_CLASSES
     num_classes = len(SHAPE_CLASSES)

@@ -13,11 +13,12 @@ def test_dit_benchmarks_tiny():
     args = argparse.Namespace(device="cpu", preset="tiny", official_dit=None)
     train = bench.bench_train_dit(args)
     # counted FLOPs of a DiT-T/2 step: forward + backward is about 3x the forward's 2 FLOPs per
-    # weight per token of the attention and MLP linears (batch 8, 16 tokens), plus attention itself
+    # weight per token of the attention and MLP linears (batch 8, 16 tokens); a count of the
+    # forward alone would be a third of that
     net = models.build_generator("DiT-T/2", input_size=8)
     token_weights = sum(p.numel() for n, p in net.named_parameters() if ".attn." in n or ".mlp." in n)
     estimate = 3 * 2 * token_weights * 16 * 8
-    assert estimate < train["train_tflop_per_step"] * 1e12 < 1.3 * estimate
+    assert 0.9 * estimate < train["train_tflop_per_step"] * 1e12 < 1.3 * estimate
     for key in ("dit_fp32", "dit_bf16", "sit_bf16"):
         assert train[f"{key}_img_s"] > 0 and 0 < train[f"{key}_mfu_vs_measured_peak"] < 1.5
     sample = bench.bench_sample_dit(args)
