@@ -12,6 +12,7 @@ D(tau E(x)) + KL of q(z|x); otherwise the standard LDM objective (Eq. 1). That i
 """
 import argparse
 import copy
+import math
 import os
 import random
 import shutil
@@ -448,6 +449,16 @@ def check_args(args, world_size):
         utils.fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
     if not 0 <= args.eq_prob <= 1 or not 0 <= args.lowres_prob <= 1:
         utils.fail("--eq-prob and --lowres-prob are probabilities in [0, 1]")
+    for flag in ("lr", "base_lr", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor",
+                 "explicit_weight", "max_grad_norm", "ema_decay"):
+        value = getattr(args, flag)
+        if value is not None and (not math.isfinite(value) or value < 0 or (flag == "ema_decay" and value >= 1)):
+            utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
+    for flag in ("global_batch_size", "grad_accum", "epochs", "max_steps", "log_every", "ckpt_every", "eval_every",
+                 "num_eval_images"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            utils.fail(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
     if args.export_diffusers and os.path.exists(args.export_diffusers) and os.listdir(args.export_diffusers):
         utils.fail(f"--export-diffusers {args.export_diffusers} exists and is not empty: choose a new folder")
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
 
 import numpy as np
 import torch
@@ -205,6 +206,12 @@ def load_checkpoint(path, trust_checkpoint=False):
     """torch.load with weights_only=True; a file that needs full unpickling is refused unless trusted."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path given to the flag")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch.save writes a zip, or a pickle
+        what = "a truncated zip (an interrupted copy or download?)" if head == b"PK" else \
+            "neither torch.save's zip format nor a pickle"
+        raise RuntimeError(f"{path} is not a PyTorch checkpoint ({what}): check the path, or get the file again")
     if trust_checkpoint:
         return torch.load(path, map_location="cpu", weights_only=False)  # explicit --trust-checkpoint
     try:

@@ -65,7 +65,8 @@ def test_every_tau_gives_matching_target_and_reconstruction(config, size, mode):
             tau = models.sample_eq_transform(lat, lat, mode, rng=rng)
             target, rec, reg = train_vae.forward_step(ae, x, tau, "bicubic", False)
             assert target.shape == rec.shape
-            assert target.shape[-2:] == (tau.new_w * 4, tau.new_h * 4) if tau.k % 2 else (tau.new_h * 4, tau.new_w * 4)
+            expected = (tau.new_w * 4, tau.new_h * 4) if tau.k % 2 else (tau.new_h * 4, tau.new_w * 4)  # quarter turns swap
+            assert target.shape[-2:] == expected
 
 
 def test_adaptive_weight_and_hinge_loss_by_hand():
@@ -258,6 +259,12 @@ def test_bad_input_fails_before_training(tmp_path):
         train_vae.check_args(train_vae.parse_args(["--preset", "tiny", "--global-batch-size", "3"]), world_size=2)
     with pytest.raises(SystemExit):
         train_vae.parse_args(["--preset", "tiny", "--eq-angles", "45"])
+    out = run_cli(["--preset", "tiny", "--lr", "-1", "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "--lr -1.0 is out of range" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "noise.ckpt").write_bytes(bytes(range(256)) * 8)
+    out = run_cli(["--preset", "tiny", "--vae", str(tmp_path / "noise.ckpt"), "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "is not a PyTorch checkpoint" in out.stderr and "--trust-checkpoint" not in out.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):

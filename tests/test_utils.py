@@ -105,3 +105,16 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="bad.pt"):
         utils.load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_non_checkpoint_files_are_named_not_unpickled(tmp_path):
+    """Random bytes and a cut-off torch.save file are called what they are, before any unpickling
+    (a file of garbage must not be met with the advice to pass --trust-checkpoint)."""
+    noise, cut = tmp_path / "noise.pt", tmp_path / "cut.pt"
+    noise.write_bytes(bytes(range(256)) * 4)
+    torch.save({"w": torch.ones(1000)}, cut)
+    cut.write_bytes(cut.read_bytes()[:1500])
+    with pytest.raises(RuntimeError, match="not a PyTorch checkpoint .neither"):
+        utils.load_checkpoint(str(noise))
+    with pytest.raises(RuntimeError, match="truncated zip"):
+        utils.load_checkpoint(str(cut), trust_checkpoint=True)
