@@ -4,6 +4,8 @@ Rooms: image reading (any mode -> RGB), crops (ADM center crop, LDM training cro
 folder datasets (class folders and flat/recursive folders, bad files skipped and named),
 the built-in procedural dataset `builtin:shapes`, and `make_dataset` that picks one from a path.
 """
+import hashlib
+import json
 import math
 import os
 import random
@@ -13,6 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+import utils
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
@@ -342,8 +347,6 @@ CACHE_FORMAT = "eqvae-latent-cache-1"
 
 def weights_hash(model):
     """A short content hash of a model's weights (names, shapes and bytes), to tell caches apart."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
@@ -362,8 +365,6 @@ def read_cache_meta(folder):
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
         return None
-    import json
-
     with open(path) as f:
         meta = json.load(f)
     if meta.get("format") != CACHE_FORMAT:
@@ -394,12 +395,6 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
     and meta.json last (its presence marks a complete cache), with the per-channel mean and std of
     z ~ q(z|x) over every stored latent. Call on every rank; returns the meta dict.
     """
-    import json
-
-    from tqdm import tqdm
-
-    import utils
-
     n = len(dataset)
     num_shards = (n + shard_images - 1) // shard_images
     labels, class_names = dataset_labels(dataset)

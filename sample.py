@@ -107,7 +107,8 @@ def main(args):
                    f"{str(e).strip(chr(34) + chr(39))}")
     if recipe["latent"].get("vae_hash") and args.vae is None and data.weights_hash(ae) != recipe["latent"]["vae_hash"]:
         utils.fail(f"the autoencoder at {vae} is not the one the model was trained with (weights hash differs): pass --vae")
-    os.makedirs(args.sample_dir, exist_ok=True) if rank == 0 else None
+    if rank == 0:
+        os.makedirs(args.sample_dir, exist_ok=True)
     utils.barrier()
     settings = dict(ckpt=args.ckpt, ema=args.ema, vae=vae, sampler=args.sampler, num_steps=args.num_steps,
                     cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels, guidance_low=args.guidance_low,

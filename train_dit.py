@@ -115,12 +115,7 @@ def main(args):
     rank, world_size, device = utils.setup_distributed()
     check_args(args, world_size)
     utils.seed_everything(args.global_seed)  # identical initial weights on every rank
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32),
-                    enabled=precision != "fp32")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    precision, autocast = utils.precision_setup(args.precision, device)
 
     # resume: the architecture, objective and data come from the checkpoint's arguments
     resume_path = utils.resolve_resume(args.resume) if args.resume else None

@@ -175,14 +175,7 @@ def main(args):
     rank, world_size, device = utils.setup_distributed()
     check_args(args, world_size)
     utils.seed_everything(args.global_seed)  # identical initial weights (scratch models, discriminator) on every rank
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = dict(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32),
-                    enabled=precision != "fp32")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        torch.set_flush_denormal(True)  # subnormal floats slow CPU kernels down by orders of magnitude
+    precision, autocast = utils.precision_setup(args.precision, device)
 
     # models first, so a bad checkpoint or data path fails before anything is written. A resumed
     # run rebuilds the architecture from its checkpoint; otherwise --vae gives the starting weights.

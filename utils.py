@@ -4,6 +4,8 @@ Rooms: distributed setup/cleanup, rank-0 logging, EMA, checkpoint I/O (atomic sa
 weights_only load, RNG state), training runs (run folders, resume, stop signals, step checks,
 labelled image grids), the weight download cache.
 """
+import argparse
+import copy
 import json
 import os
 import random
@@ -84,6 +86,19 @@ def gather_object(obj):
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def precision_setup(precision, device):
+    """(precision, torch.autocast kwargs) for --precision (None: bf16 on GPU, fp32 on CPU). Also
+    allows TF32 on CUDA and flushes denormals on CPU (subnormal floats slow CPU kernels a lot)."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_flush_denormal(True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return precision, dict(device_type=device.type, dtype=dtype, enabled=precision != "fp32")
 
 
 def print0(*args, **kwargs):
@@ -239,9 +254,6 @@ def make_run_dir(results_dir, name):
 
 def explicit_flags(parser, argv=None):
     """The destinations of the flags given on the command line (not taken from defaults)."""
-    import argparse
-    import copy
-
     bare = copy.deepcopy(parser)
     for action in bare._actions:
         action.default = argparse.SUPPRESS
