@@ -372,8 +372,13 @@ def read_cache_meta(folder):
     return meta
 
 
-def _shard_path(folder, k):
-    return os.path.join(folder, f"moments-{k:05d}.npy")
+def _shard_path(folder, k, kind="moments"):
+    return os.path.join(folder, f"{kind}-{k:05d}.npy")
+
+
+def to_uint8_images(x):
+    """[-1, 1] images from pil_to_tensor -> the uint8 pixels they were made from (exact)."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def check_cache_matches(meta, fingerprint, folder):
@@ -385,7 +390,7 @@ def check_cache_matches(meta, fingerprint, folder):
 
 
 def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=None, batch_size=32, num_workers=4,
-                       dtype="float16", device="cpu", shard_images=1000):
+                       dtype="float16", device="cpu", shard_images=1000, store_images=False):
     """Encode every image of `dataset` (ADM center crop) and its horizontal flip into `folder`.
 
     encode(x) -> (mean, std) of the posterior for a [-1, 1] batch. `fingerprint` (weights hash,
@@ -393,19 +398,22 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
     `shard_images` images are split over the ranks and written atomically, so an interrupted build
     resumes where it stopped. Files: moments-NNNNN.npy (n, 2 [image, flip], 2 [mean, std], C, h, w), labels.npy,
     and meta.json last (its presence marks a complete cache), with the per-channel mean and std of
-    z ~ q(z|x) over every stored latent. Call on every rank; returns the meta dict.
+    z ~ q(z|x) over every stored latent. store_images also keeps the cropped images themselves,
+    images-NNNNN.npy (n, 3, H, W) uint8, unflipped (REPA's encoder targets are computed from them).
+    Call on every rank; returns the meta dict.
     """
     n = len(dataset)
     num_shards = (n + shard_images - 1) // shard_images
     labels, class_names = dataset_labels(dataset)
     plan = dict(info or {}, **fingerprint, format=CACHE_FORMAT, count=n, latent_shape=list(latent_shape), dtype=dtype,
-                shard_images=shard_images, num_classes=len(class_names), class_names=class_names)
+                shard_images=shard_images, images=bool(store_images), num_classes=len(class_names), class_names=class_names)
     if utils.is_main():
         os.makedirs(folder, exist_ok=True)
         build_path = os.path.join(folder, "build.json")
         if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build
             with open(build_path) as f:
-                check_cache_matches(json.load(f), {k: plan[k] for k in (*fingerprint, "count", "dtype", "shard_images")}, folder)
+                check_cache_matches(json.load(f), {k: plan[k] for k in (*fingerprint, "count", "dtype", "shard_images", "images")},
+                                    folder)
         else:
             utils.write_json(build_path, plan)
         np.save(os.path.join(folder, "labels.npy"), labels)
@@ -420,18 +428,22 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
     for k in todo:
         indices = list(range(k * shard_images, min(n, (k + 1) * shard_images)))
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
-        parts = []
+        parts, pixels = [], []
         for x, _ in loader:
+            if store_images:
+                pixels.append(to_uint8_images(x).numpy())
             x = x.to(device)
             mean, std = encode(torch.cat([x, torch.flip(x, dims=[3])]))  # every image, then every flip
             mean, std = (m.float().cpu().numpy() for m in (mean, std))
             B = x.shape[0]
             parts.append(np.stack([np.stack([mean[:B], std[:B]], 1), np.stack([mean[B:], std[B:]], 1)], 1))
             bar.update(B)
-        shard = np.concatenate(parts).astype(dtype)
-        tmp = _shard_path(folder, k) + ".tmp.npy"
-        np.save(tmp, shard)
-        os.replace(tmp, _shard_path(folder, k))
+        # the moments file marks a finished shard, so the images go first
+        for kind, arrays in (("images", pixels), ("moments", parts)):
+            if arrays:
+                tmp = _shard_path(folder, k, kind) + ".tmp.npy"
+                np.save(tmp, np.concatenate(arrays).astype(np.uint8 if kind == "images" else dtype))
+                os.replace(tmp, _shard_path(folder, k, kind))
     bar.close()
     utils.barrier()
     if utils.is_main():
@@ -456,29 +468,38 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
 class LatentDataset(torch.utils.data.Dataset):
     """The cached posteriors: item i is ((2, C, h, w) [mean, std], label) of image i or of its flip,
     the flip drawn from (seed, epoch, i) like every other augmentation here (flip=False: never).
-    Every shard is checked when the dataset is opened; a truncated or mismatched one is named."""
+    images=True: ((2, C, h, w), (3, H, W) uint8 image flipped alike, label), from a cache built
+    with store_images. Every shard is checked when the dataset is opened; a truncated or
+    mismatched one is named."""
 
-    def __init__(self, folder, flip=True, seed=0):
+    def __init__(self, folder, flip=True, seed=0, images=False):
         self.meta = read_cache_meta(folder)
         if self.meta is None:
             partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
                 if os.path.isfile(os.path.join(folder, "build.json")) else ""
             raise FileNotFoundError(f"--latents {folder} holds no complete latent cache{partial}")
-        self.folder, self.flip, self.seed, self.epoch = folder, flip, seed, 0
+        if images and not self.meta.get("images"):
+            raise RuntimeError(f"--latents {folder} holds latents but no images (REPA's encoder needs them): build a "
+                               f"new cache with --data-path, --vae and --cache-images into another --latents folder")
+        self.folder, self.flip, self.seed, self.epoch, self.images = folder, flip, seed, 0, images
         n, per = self.meta["count"], self.meta["shard_images"]
         self.num_shards = (n + per - 1) // per
-        expected = tuple(self.meta["latent_shape"])
+        size = self.meta.get("image_size")
+        expected = {"moments": ((2, 2, *self.meta["latent_shape"]), np.dtype(self.meta["dtype"])),
+                    "images": ((3, size, size), np.dtype(np.uint8))}
         for k in range(self.num_shards):
-            path = _shard_path(folder, k)
             rows = min(per, n - k * per)
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise RuntimeError(f"latent cache shard {path} is missing or truncated ({e}): delete it and run "
-                                   f"again with --data-path and --vae to rebuild it") from None
-            if arr.shape != (rows, 2, 2, *expected) or arr.dtype != np.dtype(self.meta["dtype"]):
-                raise RuntimeError(f"latent cache shard {path} holds {arr.shape} {arr.dtype}, expected "
-                                   f"{(rows, 2, 2, *expected)} {self.meta['dtype']}: delete it and rebuild")
+            for kind in ("moments", "images") if images else ("moments",):
+                path = _shard_path(folder, k, kind)
+                try:
+                    arr = np.load(path, mmap_mode="r")
+                except (OSError, ValueError) as e:
+                    raise RuntimeError(f"latent cache shard {path} is missing or truncated ({e}): delete it and run "
+                                       f"again with --data-path and --vae to rebuild it") from None
+                shape, dtype = (rows, *expected[kind][0]), expected[kind][1]
+                if arr.shape != shape or arr.dtype != dtype:
+                    raise RuntimeError(f"latent cache shard {path} holds {arr.shape} {arr.dtype}, expected "
+                                       f"{shape} {dtype}: delete it and rebuild")
         self.labels = np.load(os.path.join(folder, "labels.npy"))
         if len(self.labels) != n:
             raise RuntimeError(f"{folder}/labels.npy has {len(self.labels)} labels for {n} images: rebuild the cache")
@@ -490,10 +511,14 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         k, row = divmod(index, self.meta["shard_images"])
         if k not in self.shards:  # opened lazily, once per worker process
-            self.shards[k] = np.load(_shard_path(self.folder, k), mmap_mode="r")
+            self.shards[k] = {kind: np.load(_shard_path(self.folder, k, kind), mmap_mode="r")
+                              for kind in (("moments", "images") if self.images else ("moments",))}
         flipped = int(self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5)
-        moments = torch.from_numpy(np.array(self.shards[k][row, flipped], dtype=np.float32))
-        return moments, int(self.labels[index])
+        moments = torch.from_numpy(np.array(self.shards[k]["moments"][row, flipped], dtype=np.float32))
+        if not self.images:
+            return moments, int(self.labels[index])
+        image = torch.from_numpy(np.array(self.shards[k]["images"][row]))
+        return moments, torch.flip(image, dims=[2]) if flipped else image, int(self.labels[index])
 
 
 def normalize_latents(z, latent):

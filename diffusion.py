@@ -5,15 +5,16 @@ Time convention, everywhere in this file: t runs from data (t = 0) to noise (t =
 runs t downwards. DDPM's integer steps (0 = data, 999 = noise), REPA's transport time and the
 guidance interval of Kynkaanniemi et al. 2024 all read this way. SiT's own code puts t = 1 at the
 data: a network trained by SiT (recipe `time_input: "sit"`) is called with 1 - t and its velocity
-is negated, in `Transport.network_velocity` and nowhere else.
+is negated, in `Transport.network_output` and nowhere else.
 
-Rooms: 1. Gaussian diffusion  2. interpolant transport  3. guidance  4. per-sample noise
+Rooms: 1. Gaussian diffusion  2. interpolant transport, REPA's alignment loss  3. guidance  4. per-sample noise
 5. samplers (DDPM, DDIM, ODE Euler/Heun, SDE Euler-Maruyama)  6. objectives from a recipe
 """
 import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # ============================================================================= 1. Gaussian diffusion
 
@@ -199,10 +200,16 @@ class Transport:
         convention (a velocity in our time is minus SiT's). Extra channels (a DiT's learned-sigma
         half) are ignored, as SiT does. The samplers pass t in float64, so 1 - t near the ends is
         the float32 value SiT's own grid would hold."""
-        if self.time_input == "sit":
-            out = model(xt, (1 - t).to(xt.dtype), y)[:, : xt.shape[1]]
-            return -out if self.prediction == "velocity" else out
-        return model(xt, t.to(xt.dtype), y)[:, : xt.shape[1]]
+        return self._call(model, xt, t, y)[0]
+
+    def _call(self, model, xt, t, y):
+        """network_output and, for a network with REPA's projectors, its projected tokens (else None)."""
+        out = model(xt, ((1 - t) if self.time_input == "sit" else t).to(xt.dtype), y)
+        out, projected = out if isinstance(out, tuple) else (out, None)
+        out = out[:, : xt.shape[1]]
+        if self.time_input == "sit" and self.prediction == "velocity":
+            out = -out
+        return out, projected
 
     def velocity(self, output, xt, t):
         """Network output -> velocity dx_t/dt in our time."""
@@ -227,20 +234,31 @@ class Transport:
 
     def training_losses(self, model, x0, y, t=None, noise=None):
         """SiT's loss per sample: MSE of the prediction (velocity, noise, or score times s, as SiT),
-        t uniform in [eps, 1 - eps]."""
+        t uniform in [eps, 1 - eps]. A network with REPA's projectors also hands back its projected
+        tokens, as `projected`, for alignment_loss."""
         if t is None:
             t = torch.rand(x0.shape[0], device=x0.device) * (1 - 2 * self.eps) + self.eps
         noise = torch.randn_like(x0) if noise is None else noise
         a, s, da, ds = self._coefficients_like(t, x0)
         xt = a * x0 + s * noise
-        output = self.network_output(model, xt, t, y).float()
+        output, projected = self._call(model, xt, t, y)
+        output = output.float()
         if self.prediction == "velocity":
             loss = mean_flat((output - (da * x0 + ds * noise)) ** 2)
         elif self.prediction == "noise":
             loss = mean_flat((output - noise) ** 2)
         else:
             loss = mean_flat((output * s + noise) ** 2)
-        return {"loss": loss}
+        return {"loss": loss} if projected is None else {"loss": loss, "projected": projected}
+
+
+def alignment_loss(projected, targets):
+    """REPA's representation alignment per sample (Yu et al. 2025): minus the cosine
+    similarity between each projected token and the encoder's patch token at the same position,
+    averaged over tokens and encoders; -1 when every pair points the same way, whatever the scale."""
+    per_encoder = [-(F.normalize(z_hat.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1).mean(-1)  # (N,)
+                   for z_hat, z in zip(projected, targets, strict=True)]
+    return torch.stack(per_encoder).mean(0)
 
 
 # ============================================================================= 3. guidance
@@ -255,7 +273,8 @@ def guided_model(model, y, num_classes, cfg_scale=1.0, cfg_channels=None, guidan
 
     def fn(x, t_net, t):
         if cfg_scale == 1.0 or not guidance_low <= t <= guidance_high:
-            return model(x, t_net, y)
+            out = model(x, t_net, y)
+            return out[0] if isinstance(out, tuple) else out  # without REPA's projected tokens
         out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t_net, t_net]), torch.cat([y, y_null]), cfg_scale, cfg_channels)
         return out[: len(x)]
     return fn

@@ -6,15 +6,20 @@ Rooms, in order:
      PatchGAN discriminator
   3. the EQ-VAE spatial transforms tau (paper Eq. 2 and 6), the equivariance error (App. C.3),
      PSNR and LPIPS (used by training and evaluation alike)
-  4. DiT / SiT: embedders, adaLN-Zero blocks, the backbone with classifier-free guidance
-  5. checkpoint formats: LDM/taming .ckpt, diffusers folders and state dicts, our own format,
-     weights by name, diffusers export; generator checkpoints (ours and the released DiT/SiT)
-  6. registries: AE_configs, PRETRAINED_AUTOENCODERS, DiT_models, SiT_models, PRETRAINED_GENERATORS
+  4. DiT / SiT: embedders, adaLN-Zero blocks, the backbone with classifier-free guidance and
+     REPA's projectors
+  5. DINOv2: the ViT encoder whose patch tokens are REPA's alignment targets
+  6. checkpoint formats: LDM/taming .ckpt, diffusers folders and state dicts, our own format,
+     weights by name, diffusers export; generator checkpoints (ours and the released DiT/SiT/REPA);
+     DINOv2 weights
+  7. registries: AE_configs, PRETRAINED_AUTOENCODERS, DiT_models, SiT_models, PRETRAINED_GENERATORS,
+     DINOv2_models
 
 Parameter names follow the LDM / taming checkpoint layout (`encoder.down.0.block.0.norm1.weight`,
 `encoder.mid.attn_1.q.weight`, `quant_conv.weight`, `quantize.embedding.weight`), so the official
 LDM, taming and EQ-VAE `.ckpt` files load without conversion; diffusers names are converted. The
-generators use the official DiT names (`x_embedder.proj.weight`, `blocks.0.adaLN_modulation.1.weight`).
+generators use the official DiT names (`x_embedder.proj.weight`, `blocks.0.adaLN_modulation.1.weight`),
+REPA's for the projectors (`projectors.0.0.weight`), and DINOv2 those of its released weights.
 """
 import json
 import math
@@ -610,38 +615,42 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameter names (qkv, proj), through SDPA."""
+    """Multi-head self-attention with timm's parameter names (qkv, proj), through SDPA. qk_norm:
+    timm's LayerNorm over each head's queries and keys (REPA's --qk-norm; `q_norm.weight`, ...)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qk_norm=False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.LayerNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         N, T, D = x.shape
         q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (N, heads, T, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, gelu="tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.gelu = gelu  # DiT's tanh-approximated GELU; DINOv2's is exact ("none")
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # DiT's tanh-approximated GELU
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block: the conditioning regresses shift, scale and a gate for attention and MLP."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -664,6 +673,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def prediction(out):
+    """The denoising output of a forward call, without REPA's projected tokens if it has them."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def sincos_pos_embed_2d(dim, grid_size):
     """MAE's fixed 2-D sin-cos table, (grid_size^2, dim): first half of the channels encodes the
     column (x) coordinate, second half the row; in each half sines, then cosines."""
@@ -676,25 +690,40 @@ def sincos_pos_embed_2d(dim, grid_size):
     return torch.cat([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], dim=1).float()
 
 
+def build_projector(hidden_size, projector_dim, z_dim):
+    """REPA's projector h_phi: an MLP from the network's hidden tokens to one encoder's features."""
+    return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, z_dim))
+
+
 class DiT(nn.Module):
     """The DiT backbone. `family="sit"` is SiT's variant of the same network: its forward drops the
     learned-sigma half of the output (SiT keeps `learn_sigma` only so its checkpoint's shapes load).
+    z_dims adds REPA's projectors (Yu et al. 2025), one per target encoder, reading the hidden
+    tokens after block `encoder_depth`; REPA's SiT predicts no variance, so learn_sigma defaults
+    to False with projectors and True without.
 
     forward(x, t, y): x (N, C, H, W) latents, t (N,) timesteps (DiT: integers 0..999; SiT:
-    continuous), y (N,) labels in [0, num_classes]; num_classes is the null class.
+    continuous), y (N,) labels in [0, num_classes]; num_classes is the null class. With
+    projectors it returns (output, [(N, T, z_dim) per encoder]) like REPA's SiT.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, family="dit"):
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=None, family="dit", z_dims=(),
+                 encoder_depth=8, projector_dim=2048, qk_norm=False):
         super().__init__()
         if family not in ("dit", "sit"):
             raise ValueError(f"family {family!r}: use dit or sit")
         if input_size % patch_size:
             raise ValueError(f"latent size {input_size} is not a multiple of the patch size {patch_size}")
+        if z_dims and not 1 <= encoder_depth <= depth:
+            raise ValueError(f"encoder depth {encoder_depth} must be between 1 and the model's depth {depth}")
+        learn_sigma = not z_dims if learn_sigma is None else learn_sigma
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-                           num_classes=num_classes, learn_sigma=learn_sigma, family=family)
-        self.learn_sigma, self.family = learn_sigma, family
+                           num_classes=num_classes, learn_sigma=learn_sigma, family=family, z_dims=list(z_dims),
+                           encoder_depth=encoder_depth, projector_dim=projector_dim, qk_norm=qk_norm)
+        self.learn_sigma, self.family, self.encoder_depth = learn_sigma, family, encoder_depth
         self.in_channels, self.num_classes = in_channels, num_classes
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size, self.num_heads = patch_size, num_heads
@@ -703,12 +732,14 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # a frozen parameter, not a buffer: the official checkpoints carry it under this name
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
+        self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in z_dims]) if z_dims else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT's initialisation: xavier linears, adaLN-Zero (zeroed modulation and output layer)."""
+        """DiT's initialisation: xavier linears (REPA's projectors too), adaLN-Zero (zeroed
+        modulation and output layer)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -734,12 +765,14 @@ class DiT(nn.Module):
     def forward(self, x, t, y):
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, c)
+            if self.projectors is not None and i + 1 == self.encoder_depth:
+                zs = [projector(x) for projector in self.projectors]  # (N, T, z_dim) each
         x = self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
         if self.family == "sit" and self.learn_sigma:
             x = x[:, : self.in_channels]
-        return x
+        return x if self.projectors is None else (x, zs)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=None):
         """Classifier-free guidance in one batch. The first half of x/t/y is conditional, the second
@@ -748,7 +781,7 @@ class DiT(nn.Module):
         predicted latent channel); the other channels (the learned variance) stay as predicted.
         The official DiT and SiT guide 3 of 4 channels: cfg_channels=3 reproduces them."""
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
+        out = prediction(self.forward(torch.cat([half, half]), t, y))
         k = self.in_channels if cfg_channels is None else cfg_channels
         guided, rest = out[:, :k], out[:, k:]
         cond, uncond = guided.chunk(2)
@@ -756,7 +789,142 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
-# ============================================================================= 5. checkpoint formats
+# ============================================================================= 5. DINOv2
+# Oquab et al. 2024, as released through torch.hub (facebookresearch/dinov2): parameter names are
+# those of the released `*_pretrain.pth` files, attention is SDPA instead of xformers. REPA aligns
+# SiT's hidden tokens with its normalised patch tokens.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values=1.0):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class SwiGLU(nn.Module):
+    """ViT-g's feed-forward: silu(x W1) * (x W2), one fused w12 projection, hidden size cut to 2/3
+    and rounded up to a multiple of 8 as in DINOv2's SwiGLUFFNFused."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class DINOv2Block(nn.Module):
+    """Pre-norm ViT block with layer scale (ls1, ls2); no stochastic depth (inference only here)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, ffn="mlp"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio)) if ffn == "swiglu" else Mlp(dim, int(dim * mlp_ratio), gelu="none")
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DINOv2(nn.Module):
+    """DINOv2's DinoVisionTransformer at the released configuration (518-px position table, patch
+    14, layer scale 1.0). forward_features(x) returns the official dict (`x_norm_patchtokens`
+    (N, T, D), `x_norm_clstoken`, ...); forward(x) the normalised class token, as the hub model."""
+
+    def __init__(self, embed_dim=768, depth=12, num_heads=12, patch_size=14, img_size=518, num_register_tokens=0,
+                 ffn="mlp", interpolate_antialias=False, interpolate_offset=0.1):
+        super().__init__()
+        self.embed_dim, self.patch_size, self.num_register_tokens = embed_dim, patch_size, num_register_tokens
+        self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.blocks = nn.ModuleList([DINOv2Block(embed_dim, num_heads, ffn=ffn) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        # DINOv2's initialisation (what a random encoder gets; released weights replace it)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, h, w):
+        """The position table for an h x w patch grid, DINOv2's way: unchanged at the stored grid,
+        else bicubic from it (scale factors with DINOv2's 0.1 offset; the register models give the
+        size and antialias instead)."""
+        M = math.isqrt(self.pos_embed.shape[1] - 1)
+        if h == w == M:
+            return self.pos_embed
+        pos = self.pos_embed.float()
+        grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
+        if self.interpolate_offset:
+            size = dict(scale_factor=((h + self.interpolate_offset) / M, (w + self.interpolate_offset) / M))
+        else:
+            size = dict(size=(h, w))
+        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **size)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1).to(self.pos_embed.dtype)
+
+    @torch.no_grad()
+    def resample_pos_embed(self, grid):
+        """Replace the stored table by one for a grid x grid patch grid, as REPA does once before
+        training (timm's resample_abs_pos_embed: bicubic, antialiased); the class position stays."""
+        M = math.isqrt(self.pos_embed.shape[1] - 1)
+        table = self.pos_embed.float()[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
+        table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+        table = table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+        self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], table.to(self.pos_embed.dtype)], dim=1))
+
+    def forward_features(self, x, masks=None):
+        N, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"DINOv2 input {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(x)  # (N, T, D)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat([self.cls_token.expand(N, -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size)
+        if self.register_tokens is not None:  # after the position embedding: registers have none
+            x = torch.cat([x[:, :1], self.register_tokens.expand(N, -1, -1), x[:, 1:]], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x_norm = self.norm(x)
+        R = self.num_register_tokens
+        return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1: R + 1],
+                "x_norm_patchtokens": x_norm[:, R + 1:], "x_prenorm": x, "masks": masks}
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]
+
+
+def encoder_targets(encoder, images, grid):
+    """REPA's alignment targets: uint8 (N, 3, H, W) images -> (N, grid * grid, D) patch tokens.
+    REPA's preprocessing: x / 255, ImageNet mean and std, bicubic resize; the size is the one that
+    gives the generator's token grid (REPA's 224 for 16 x 16 tokens at 256 px, 448 at 512 px)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std
+    x = F.interpolate(x, size=(grid * encoder.patch_size,) * 2, mode="bicubic")
+    return encoder.forward_features(x)["x_norm_patchtokens"]
+
+
+# ============================================================================= 6. checkpoint formats
 
 FORMAT_TAG = "eqvae-autoencoder"
 
@@ -1082,39 +1250,50 @@ def build_generator(name, **kwargs):
     return registry[name](**kwargs)
 
 
-def released_recipe(name, image_size, vae="sd-vae-ft-ema"):
-    """How the official DiT/SiT code trains and samples a network of this family: DDPM (DiT) or a
-    linear velocity interpolant fed SiT's time (SiT), SD-VAE latents times 0.18215."""
+def released_recipe(name, image_size, vae="sd-vae-ft-ema", repa=False):
+    """How the official DiT/SiT/REPA code trains and samples a network of this family: DDPM (DiT)
+    or a linear velocity interpolant fed SiT's time (SiT) or REPA's (a SiT with projectors),
+    SD-VAE latents times 0.18215."""
     if name.startswith("SiT"):
-        objective = dict(kind="transport", path="linear", prediction="velocity", time_input="sit")
+        objective = dict(kind="transport", path="linear", prediction="velocity", time_input="repa" if repa else "sit")
     else:
         objective = dict(kind="diffusion", num_timesteps=1000)
     return dict(model=name, image_size=image_size, objective=objective, class_names=None,
                 latent=dict(vae=vae, vae_hash=None, norm="scale", scale=0.18215, shift=0.0))
 
 
-def _config_from_generator_state(sd):
-    """input_size, in_channels, learn_sigma and num_classes of an official DiT/SiT state dict."""
+def _config_from_generator_state(sd, encoder_depth=8):
+    """input_size, in_channels, learn_sigma and num_classes of an official DiT/SiT/REPA state dict,
+    and REPA's projector sizes and qk-norm when present (the projectors' depth is not in the
+    weights: REPA's SiT-XL/2 reads block 8)."""
     patch = sd["x_embedder.proj.weight"].shape[-1]
     in_channels = sd["x_embedder.proj.weight"].shape[1]
     grid = math.isqrt(sd["pos_embed"].shape[1])
     out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    return dict(input_size=grid * patch, in_channels=in_channels, learn_sigma=out == 2 * in_channels, num_classes=rows - 1)
+    config = dict(input_size=grid * patch, in_channels=in_channels, learn_sigma=out == 2 * in_channels, num_classes=rows - 1,
+                  qk_norm="blocks.0.attn.q_norm.weight" in sd)
+    num_projectors = len({k.split(".")[1] for k in sd if k.startswith("projectors.")})
+    if num_projectors:
+        config.update(z_dims=[sd[f"projectors.{i}.4.weight"].shape[0] for i in range(num_projectors)],
+                      projector_dim=sd["projectors.0.0.weight"].shape[0], encoder_depth=encoder_depth)
+    return config
 
 
 def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
     """-> (network, recipe). spec: a PRETRAINED_GENERATORS name (downloaded once into the cache),
     a train_dit.py checkpoint (architecture, objective and latent normalisation are stored in it;
-    its EMA weights unless use_ema=False), or an official DiT/SiT `.pt` (bare state dict or
-    {"model", "ema", ...}), which needs `model_name` and gets the official recipe."""
+    its EMA weights unless use_ema=False), or an official DiT/SiT/REPA `.pt` (bare state dict or
+    {"model", "ema", ...}), which needs `model_name` and gets the official recipe (REPA's when the
+    weights hold projectors)."""
     spec = str(spec)
     if spec in PRETRAINED_GENERATORS:
         entry = PRETRAINED_GENERATORS[spec]
         path = utils.download(entry["url"], os.path.join("generators", entry["filename"]))
         sd = utils.load_checkpoint(path, trust_checkpoint)
-        model_name, recipe = entry["model"], released_recipe(entry["model"], entry["image_size"])
-        model = build_generator(model_name, input_size=entry["image_size"] // 8, num_classes=1000, learn_sigma=True)
+        sd = sd.get("ema", sd)
+        model_name, recipe = entry["model"], released_recipe(entry["model"], entry["image_size"], repa="repa" in entry)
+        model = build_generator(model_name, input_size=entry["image_size"] // 8, num_classes=1000, **entry.get("repa", {}))
     elif os.path.isfile(spec):
         obj = utils.load_checkpoint(spec, trust_checkpoint)
         if isinstance(obj, dict) and "generator" in obj:  # ours: rebuild without being told
@@ -1126,17 +1305,43 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
         else:
             sd = obj.get("ema", obj) if isinstance(obj, dict) else obj
             if not isinstance(sd, dict) or "pos_embed" not in sd:
-                raise ValueError(f"{spec} is neither a train_dit.py checkpoint nor an official DiT/SiT state dict")
+                raise ValueError(f"{spec} is neither a train_dit.py checkpoint nor an official DiT/SiT/REPA state dict")
             if model_name is None:
-                raise ValueError(f"{spec} is an official DiT/SiT state dict without an architecture: pass --model "
+                raise ValueError(f"{spec} is an official DiT/SiT/REPA state dict without an architecture: pass --model "
                                  f"(e.g. DiT-XL/2 or SiT-XL/2)")
             config = _config_from_generator_state(sd)
             model = build_generator(model_name, **config)
-            recipe = released_recipe(model_name, config["input_size"] * 8)
+            recipe = released_recipe(model_name, config["input_size"] * 8, repa="z_dims" in config)
     else:
         raise FileNotFoundError(f"generator {spec!r} is neither a file nor a known name ({', '.join(PRETRAINED_GENERATORS)})")
     _load_strict(model, sd, spec)
     return model, recipe
+
+
+def load_dinov2(spec, trust_checkpoint=False):
+    """A DINOv2 encoder in eval mode: a DINOv2_models name (its released `*_pretrain.pth`, downloaded
+    once into the cache; offline, the error names the URL and the path to put it at) or a path to
+    such a state dict, whose architecture is read from its shapes."""
+    spec = str(spec)
+    if spec in DINOv2_models:
+        path = utils.download(dinov2_url(spec), os.path.join("dinov2", os.path.basename(dinov2_url(spec))))
+        model = DINOv2_models[spec]()
+    elif os.path.isfile(spec):
+        path = spec
+    else:
+        raise FileNotFoundError(f"encoder {spec!r} is neither a file nor a DINOv2 name ({', '.join(DINOv2_models)})")
+    sd = utils.load_checkpoint(path, trust_checkpoint)
+    if not isinstance(sd, dict) or "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        raise ValueError(f"{path} is not a DINOv2 state dict (no cls_token / patch_embed.proj.weight)")
+    if spec not in DINOv2_models:
+        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+        registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+        model = DINOv2(embed_dim=dim, depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), num_heads=dim // 64,
+                       patch_size=patch, img_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch,
+                       num_register_tokens=registers, ffn="swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp",
+                       interpolate_antialias=registers > 0, interpolate_offset=0.0 if registers else 0.1)
+    _load_strict(model, sd, path)
+    return model.eval().requires_grad_(False)
 
 
 def fetch_pretrained(name):
@@ -1166,7 +1371,7 @@ def fetch_pretrained(name):
     return utils.download(entry["url"], os.path.join(name, entry["filename"]))
 
 
-# ============================================================================= 6. registries
+# ============================================================================= 7. registries
 
 # Architectures (LDM configs). `tiny`/`tiny-vq` are for CPU tests and the demo.
 AE_configs = {
@@ -1216,6 +1421,7 @@ DiT_models = {f"DiT-{s}/{p}": _generator_constructor(s, p, "dit") for s in DIT_S
 SiT_models = {f"SiT-{s}/{p}": _generator_constructor(s, p, "sit") for s in DIT_SIZES for p in (1, 2, 4, 8)}
 
 # Released generators: the EMA weights as a bare state dict, trained on SD-VAE-FT-EMA latents x 0.18215
+# (REPA's: SiT-XL/2 with one projector to DINOv2-B's 768 features after block 8, 4M iterations)
 PRETRAINED_GENERATORS = {
     "DiT-XL/2-256": dict(model="DiT-XL/2", image_size=256, filename="DiT-XL-2-256x256.pt",
                          url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
@@ -1224,4 +1430,30 @@ PRETRAINED_GENERATORS = {
     "SiT-XL/2-256": dict(model="SiT-XL/2", image_size=256, filename="SiT-XL-2-256x256.pt",
                          url="https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
                              "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0"),
+    "REPA-SiT-XL/2-256": dict(model="SiT-XL/2", image_size=256, filename="REPA-SiT-XL-2-256.pt",
+                              url="https://www.dl.dropboxusercontent.com/scl/fi/cxedbs4da5ugjq5wg3zrg/last.pt"
+                                  "?rlkey=8otgrdkno0nd89po3dpwngwcc&st=apcc645o&dl=0",
+                              repa=dict(z_dims=[768], encoder_depth=8, projector_dim=2048)),
 }
+
+# DINOv2 (embed dim, depth, heads, feed-forward) as torch.hub's entries; `_reg` adds 4 registers
+# and DINOv2's interpolation settings for them (antialiased, by size).
+DINOV2_SIZES = {"s": (384, 12, 6, "mlp"), "b": (768, 12, 12, "mlp"), "l": (1024, 24, 16, "mlp"), "g": (1536, 40, 24, "swiglu")}
+
+
+def _dinov2_constructor(size, registers):
+    dim, depth, heads, ffn = DINOV2_SIZES[size]
+
+    def constructor(**kwargs):
+        reg = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0) if registers else {}
+        return DINOv2(embed_dim=dim, depth=depth, num_heads=heads, ffn=ffn, **{**reg, **kwargs})
+    return constructor
+
+
+DINOv2_models = {f"dinov2_vit{s}14{'_reg' if r else ''}": _dinov2_constructor(s, r) for r in (False, True) for s in DINOV2_SIZES}
+
+
+def dinov2_url(name):
+    """The released weights of a DINOv2_models entry (dl.fbaipublicfiles.com/dinov2/...)."""
+    base = name.removesuffix("_reg")
+    return f"https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{'_reg4' if name.endswith('_reg') else ''}_pretrain.pth"

@@ -189,6 +189,8 @@ PRESETS = {
 SAMPLER_PRESETS = {
     # REPA's FID setting (SDE, 250 steps, CFG 1.8 with the guidance interval up to 0.7)
     "repa": dict(sampler="sde", num_steps=250, cfg_scale=1.8, guidance_high=0.7),
+    # its ODE setting: generate.py --mode ode --heun (50 steps; Heun's correction on all but the last)
+    "repa-ode": dict(sampler="heun", num_steps=50, cfg_scale=1.8, guidance_high=0.7),
 }
 
 
@@ -196,7 +198,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the model
     p.add_argument("--ckpt", required=True, help="a train_dit.py checkpoint, a released name (" + ", ".join(models.PRETRAINED_GENERATORS)
-                   + "), or an official DiT/SiT .pt (with --model)")
+                   + "), or an official DiT/SiT/REPA .pt (with --model)")
     p.add_argument("--model", choices=list(models.DiT_models) + list(models.SiT_models), default=None,
                    help="architecture of an official .pt file (ours and the released names carry it)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="our checkpoints: EMA weights (default) or raw")
@@ -224,7 +226,8 @@ def parse_args(argv=None):
     p.add_argument("--global-seed", type=int, default=0, help="seed: sample i's label and noise depend on it and i only")
     p.add_argument("--sample-dir", default="samples", help="output folder (samples.npz, preview.png, grid.png)")
     p.add_argument("--preset", choices=sorted({**PRESETS, **SAMPLER_PRESETS}), default=None,
-                   help="tiny: CPU smoke run; repa: REPA's SDE 250-step, CFG 1.8, interval [0, 0.7] FID setting")
+                   help="tiny: CPU smoke run; repa: REPA's FID setting (SDE, 250 steps, CFG 1.8 in the interval [0, 0.7]); "
+                        "repa-ode: its ODE setting (Heun, 50 steps, same guidance)")
     args = p.parse_args(argv)
     if args.preset:
         p.set_defaults(**{**PRESETS, **SAMPLER_PRESETS}[args.preset])

@@ -1,14 +1,17 @@
-"""DiT and SiT training on cached autoencoder latents (Peebles and Xie 2023; Ma et al. 2024).
+"""DiT, SiT and REPA training on cached autoencoder latents (Peebles and Xie 2023; Ma et al. 2024;
+Yu et al. 2025).
 
 The first run with --data-path and --vae encodes the dataset into --latents (ADM center crop, each
-image and its flip, posterior mean and std); every step then samples z ~ q(z|x) from the stored
-posterior, normalises it, and trains the network with DDPM's loss (--objective diffusion, DiT) or
-SiT's interpolant loss (--objective transport).
+image and its flip, posterior mean and std; with --cache-images the cropped images too); every
+step then samples z ~ q(z|x) from the stored posterior, normalises it, and trains the network with
+DDPM's loss (--objective diffusion, DiT) or SiT's interpolant loss (--objective transport). --repa
+adds REPA's alignment of the SiT's hidden tokens with a frozen DINOv2's patch tokens of the image.
 
-  CPU smoke:  python train_dit.py --preset tiny
+  CPU smoke:  python train_dit.py --preset tiny          (REPA: python train_dit.py --preset tiny-repa)
   one GPU:    python train_dit.py --model DiT-B/2 --data-path /data/imagenet/train --vae eq-vae-ema \\
                   --latents /data/latents/eq-vae-ema-256 --max-steps 400000
-  8 GPUs:     torchrun --nproc_per_node=8 train_dit.py --model SiT-XL/2 --latents /data/latents/eq-vae-ema-256
+  8 GPUs:     torchrun --nproc_per_node=8 train_dit.py --model SiT-XL/2 --repa --data-path /data/imagenet/train \\
+                  --vae eq-vae-ema --latents /data/latents/eq-vae-ema-256-images
   the demo:   python train_dit.py --preset demo
 """
 import argparse
@@ -51,6 +54,8 @@ def prepare_latents(args, device):
         try:
             if meta is not None:
                 data.check_cache_matches(meta, fingerprint, args.latents)
+                if args.repa and not meta.get("images"):
+                    utils.fail(REBUILD_WITH_IMAGES.format(latents=args.latents))
                 return meta, ae
             dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None)
         except (OSError, ValueError, RuntimeError) as e:
@@ -73,10 +78,36 @@ def prepare_latents(args, device):
         try:
             meta = data.build_latent_cache(args.latents, dataset, encode, fingerprint, (ae.latent_channels, lat, lat), info,
                                            batch_size=args.cache_batch_size, num_workers=args.num_workers,
-                                           dtype=args.cache_dtype, device=device, shard_images=args.cache_shard_size)
+                                           dtype=args.cache_dtype, device=device, shard_images=args.cache_shard_size,
+                                           store_images=args.cache_images)
         except RuntimeError as e:
             utils.fail(str(e))
+    if args.repa and not meta.get("images"):
+        utils.fail(REBUILD_WITH_IMAGES.format(latents=args.latents))
     return meta, ae
+
+
+REBUILD_WITH_IMAGES = ("--repa needs the images in the cache (its encoder sees them), and --latents {latents} holds "
+                       "latents only: build a new cache with --data-path, --vae and --cache-images into another "
+                       "--latents folder")
+
+
+def load_encoders(args, device):
+    """REPA's frozen target encoders, from --encoder (comma-separated: one projector each). `random`
+    is a randomly initialised ViT-S/14, seeded by --global-seed, for offline smoke runs."""
+    encoders = []
+    for spec in args.encoder.split(","):
+        if spec == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.global_seed)
+                encoder = models.DINOv2_models["dinov2_vits14"]().eval().requires_grad_(False)
+        else:
+            try:
+                encoder = models.load_dinov2(spec, args.trust_checkpoint)
+            except (OSError, KeyError, ValueError, RuntimeError) as e:
+                utils.fail(f"--encoder {spec}: {str(e).strip(chr(34) + chr(39))}")
+        encoders.append(encoder.to(device))
+    return encoders
 
 
 def latent_recipe(args, meta):
@@ -135,23 +166,39 @@ def main(args):
                 setattr(args, key, value)
         args.data_path = None  # the cache exists: never rebuilt on resume
 
-    # latents (built on first use), then the network, before anything is written
+    # REPA's encoders (downloads fail here, before the cache is built), the latents (built on first
+    # use), then the network, before anything is written
+    encoders = load_encoders(args, device) if args.repa else []
     meta, ae = prepare_latents(args, device)
     C, h, w = meta["latent_shape"]
+    # REPA feeds the network t as it is (time_input "repa"); SiT's own runs feed 1 - t
     objective_spec = (dict(kind="diffusion", num_timesteps=1000) if args.objective == "diffusion" else
-                      dict(kind="transport", path=args.path_type, prediction=args.prediction, time_input="sit"))
+                      dict(kind="transport", path=args.path_type, prediction=args.prediction,
+                           time_input="repa" if args.repa else "sit"))
+    repa = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
+                qk_norm=args.qk_norm) if args.repa else dict(qk_norm=args.qk_norm)
     try:
         model = models.build_generator(args.model, input_size=h, in_channels=C, num_classes=meta["num_classes"],
-                                       learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob)
+                                       learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob, **repa)
     except ValueError as e:
         utils.fail(f"--model {args.model}: {e}")
+    grid = h // model.patch_size  # the generator's token grid, which the encoders' patch grid must equal
+    for encoder in encoders:
+        encoder.resample_pos_embed(grid)  # REPA resizes DINOv2's 37 x 37 table once, to the token grid
     recipe = dict(model=args.model, config=model.config, image_size=args.image_size, objective=objective_spec,
                   latent=latent_recipe(args, meta), class_names=meta["class_names"])
+    if args.repa:
+        recipe["repa"] = dict(encoder=args.encoder, proj_coeff=args.proj_coeff)
     notes = []
     if args.init_from and resume_ckpt is None:
         try:
             start, _ = models.load_generator(args.init_from, args.model, args.trust_checkpoint)
-            model.load_state_dict(start.state_dict(), strict=True)
+            sd = start.state_dict()
+            fresh = [k for k in model.state_dict() if k not in sd]
+            if fresh and all(k.startswith("projectors.") for k in fresh):  # a plain SiT into a REPA model
+                sd.update({k: v for k, v in model.state_dict().items() if k in fresh})
+                notes.append(f"--init-from {args.init_from} has no REPA projectors: they start fresh")
+            model.load_state_dict(sd, strict=True)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             utils.fail(f"--init-from {args.init_from} does not fit --model {args.model} on {C}x{h}x{w} latents with "
                        f"{meta['num_classes']} classes: {str(e).strip(chr(34) + chr(39))}")
@@ -163,7 +210,7 @@ def main(args):
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             utils.fail(f"sample grids decode with the cache's autoencoder {args.vae or meta['vae']}, which failed to "
                        f"load ({e}): pass --vae, or --sample-every 0")
-    dataset = data.LatentDataset(args.latents, flip=args.flip, seed=args.global_seed)
+    dataset = data.LatentDataset(args.latents, flip=args.flip, seed=args.global_seed, images=args.repa)
 
     # run folder, logger, args.json
     run_dir = args.run_dir or (utils.run_dir_of(resume_path) if resume_path else
@@ -174,6 +221,8 @@ def main(args):
     logger.info(f"{args.model} ({num_params / 1e6:.2f}M parameters) on {C}x{h}x{w} latents of {meta['vae']}, "
                 f"{meta['num_classes']} classes; objective {args.objective}"
                 + (f" ({args.path_type} path, {args.prediction} prediction)" if args.objective == "transport" else "")
+                + (f"; REPA: block {args.encoder_depth} aligned with {args.encoder} patch tokens on a {grid}x{grid} "
+                   f"grid, --proj-coeff {args.proj_coeff}" if args.repa else "")
                 + f"; latent normalisation {args.latent_norm}: "
                 + (f"scale {recipe['latent']['scale']:.5g}" if args.latent_norm == "scale" else
                    "per-channel mean " + ", ".join(f"{v:.3f}" for v in meta["channel_mean"]) + ", std "
@@ -216,6 +265,9 @@ def main(args):
     if args.compile:
         train_model = torch.compile(train_model)
     latent = recipe["latent"]
+    if "random" in args.encoder.split(",") and args.repa:
+        logger.info("--encoder random: a randomly initialised ViT-S/14 gives the alignment targets; they mean "
+                    "nothing (offline smoke runs only), and the checkpoint says so")
 
     def save():
         utils.save_step({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -234,20 +286,28 @@ def main(args):
             loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=args.num_workers,
                                                  pin_memory=device.type == "cuda", drop_last=True,
                                                  generator=torch.Generator().manual_seed(args.global_seed + epoch))
-            for moments, y in loader:
+            for batch in loader:
                 if step >= max_steps:
                     break
-                moments, y = moments.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                moments, y = batch[0].to(device, non_blocking=True), batch[-1].to(device, non_blocking=True)
                 mean, std = moments[:, 0], moments[:, 1]
                 z = mean + std * torch.randn_like(mean) if args.latent_sample else mean
                 x = data.normalize_latents(z, latent)
                 with torch.autocast(**autocast):
-                    loss = objective.training_losses(train_model, x, y)["loss"].mean()
+                    if encoders:  # the targets, without gradients (the encoders are frozen)
+                        with torch.no_grad():
+                            images = batch[1].to(device, non_blocking=True)
+                            targets = [models.encoder_targets(e, images, grid) for e in encoders]
+                    terms = objective.training_losses(train_model, x, y)
+                    loss = loss_total = terms["loss"].mean()
+                    if encoders:  # REPA: loss + lambda * alignment (lambda = --proj-coeff, 0.5)
+                        loss_proj = diffusion.alignment_loss(terms["projected"], targets).mean()
+                        loss_total = loss + args.proj_coeff * loss_proj
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss_total).backward()
                 scaler.unscale_(opt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-                nonfinite, stop_now = utils.step_flags([loss.detach(), grad_norm], stop.requested, device)
+                nonfinite, stop_now = utils.step_flags([loss_total.detach(), grad_norm], stop.requested, device)
                 if nonfinite:
                     logger.info(f"non-finite loss or gradient at step {step}: stopping without applying it; the last "
                                 f"good checkpoint in {ckpt_dir} is kept. Lower --lr, set --grad-clip or use "
@@ -257,8 +317,9 @@ def main(args):
                 scaler.update()
                 utils.update_ema(ema, model, args.ema_decay)
                 step += 1
-                for k, v in (("loss", loss.detach()), ("grad_norm", grad_norm.detach())):
-                    sums[k] = sums.get(k, 0.0) + v.float()
+                logged = [("loss", loss), ("grad_norm", grad_norm)] + ([("loss_proj", loss_proj)] if encoders else [])
+                for k, v in logged:
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
                 count += 1
 
                 if step % args.log_every == 0 or step == max_steps:
@@ -293,13 +354,24 @@ def check_args(args, world_size):
         utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
     if args.global_batch_size <= 0 or args.global_batch_size % world_size:
         utils.fail(f"--global-batch-size {args.global_batch_size} must be positive and divisible by the {world_size} processes")
-    for flag in ("lr", "ema_decay", "class_dropout_prob", "grad_clip", "weight_decay"):
+    for flag in ("lr", "ema_decay", "class_dropout_prob", "grad_clip", "weight_decay", "proj_coeff"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0 or (flag in ("ema_decay", "class_dropout_prob") and value >= 1):
             utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
-    for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size"):
+    for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size", "encoder_depth",
+                 "projector_dim"):
         if getattr(args, flag) <= 0:
             utils.fail(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.repa:
+        if args.objective != "transport":
+            utils.fail(f"--repa trains a SiT with the interpolant (REPA's recipe): use a SiT-* --model, not {args.model} "
+                       f"with --objective {args.objective}")
+        for spec in args.encoder.split(","):
+            if spec != "random" and spec not in models.DINOv2_models and not os.path.isfile(spec):
+                utils.fail(f"--encoder {spec} is neither a DINOv2 name ({', '.join(models.DINOv2_models)}), a file, "
+                           f"nor random")
+        if args.data_path and not args.cache_images:
+            utils.fail("--repa with --no-cache-images: the encoder needs the images, so the cache must keep them")
     if (args.objective == "diffusion") != (args.sampler in ("ddpm", "ddim")):
         utils.fail(f"--sampler {args.sampler} does not fit --objective {args.objective} (diffusion: ddpm, ddim; "
                    f"transport: euler, heun, sde)")
@@ -332,13 +404,19 @@ def run_demo(args):
 
 # what a resumed run always takes from its checkpoint (anything else given on the command line wins)
 FIXED_ON_RESUME = ("model", "objective", "path_type", "prediction", "learn_sigma", "class_dropout_prob", "latent_norm",
-                   "latent_sample", "image_size", "flip", "global_seed")
+                   "latent_sample", "image_size", "flip", "global_seed", "repa", "encoder", "encoder_depth", "projector_dim",
+                   "qk_norm")
 
 PRESETS = {
     # CPU smoke runs and tests: a random tiny autoencoder, a few steps of the smallest DiT
     "tiny": dict(vae="scratch:tiny", data_path="builtin:shapes:32", image_size=32, model="DiT-T/2", global_batch_size=4,
                  max_steps=4, log_every=2, ckpt_every=2, sample_every=4, num_steps=4, grid_rows=1, cache_batch_size=8,
                  num_workers=0, results_dir="results"),
+    # the same with REPA: a SiT aligned with a random ViT-S/14 (offline: no DINOv2 weights here)
+    "tiny-repa": dict(vae="scratch:tiny", data_path="builtin:shapes:32", image_size=32, model="SiT-T/2", repa=True,
+                      encoder="random", encoder_depth=2, projector_dim=64, global_batch_size=4, max_steps=4, log_every=2,
+                      ckpt_every=2, sample_every=4, num_steps=4, grid_rows=1, cache_batch_size=8, num_workers=0,
+                      results_dir="results"),
     # the README demo (see run_demo)
     "demo": dict(vae="results/demo/eq-vae/autoencoder.pt", data_path="builtin:shapes-plain:10000", image_size=32,
                  model="DiT-T/2", global_batch_size=32, max_steps=12000, lr=1e-3, ema_decay=0.999, log_every=1000,
@@ -358,6 +436,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-batch-size", type=int, default=32, help="images per encoder forward while caching, per process")
     p.add_argument("--cache-shard-size", type=int, default=1000, help="images per cache shard file (each with its flip)")
     p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16", help="storage of the posterior mean and std")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the cropped uint8 images in the cache too (REPA's encoder needs them; ImageNet at 256 px: "
+                        "~250 GB); default: on with --repa")
     p.add_argument("--latent-sample", action=argparse.BooleanOptionalAction, default=True,
                    help="z ~ q(z|x) from the stored mean and std at every step (DiT); --no-latent-sample trains on the mean")
     p.add_argument("--latent-norm", choices=["scale", "channel"], default="scale",
@@ -372,17 +453,29 @@ def parse_args(argv=None):
                    help="diffusion: DDPM, epsilon prediction (DiT's default); transport: interpolant (SiT's default)")
     p.add_argument("--path-type", choices=["linear", "gvp"], default="linear", help="transport path (SiT: linear)")
     p.add_argument("--prediction", choices=["velocity", "noise", "score"], default="velocity", help="transport target (SiT: velocity)")
-    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=True,
-                   help="predict the DDPM variance too (DiT: on; SiT keeps the channels and ignores them)")
+    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict the DDPM variance too (default: on, as DiT; SiT keeps the channels and ignores them; "
+                        "off with --repa, as REPA's SiT)")
     p.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for classifier-free guidance (0.1)")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="LayerNorm on each head's queries and keys (REPA's --qk-norm; off in its released model)")
     p.add_argument("--init-from", default=None, help="starting weights: a released name (DiT-XL/2-256, ...) or a checkpoint")
     p.add_argument("--resume", default=None, help="continue a run exactly: a checkpoint, or a run folder (uses latest.pt)")
+    # REPA (Yu et al. 2025)
+    p.add_argument("--repa", action=argparse.BooleanOptionalAction, default=False,
+                   help="align the SiT's tokens after block --encoder-depth with a frozen encoder's patch tokens (REPA)")
+    p.add_argument("--encoder", default="dinov2_vitb14",
+                   help="REPA's target encoder(s), comma-separated: a DINOv2 name (" + ", ".join(models.DINOv2_models)
+                        + "; weights downloaded once), a DINOv2 .pth, or random (random ViT-S/14: offline smoke runs only)")
+    p.add_argument("--encoder-depth", type=int, default=8, help="block whose output is projected and aligned (REPA, XL: 8)")
+    p.add_argument("--projector-dim", type=int, default=2048, help="hidden width of REPA's projector MLP (2048)")
+    p.add_argument("--proj-coeff", type=float, default=0.5, help="weight lambda of the alignment loss (REPA: 0.5)")
     # optimisation (DiT's recipe)
     p.add_argument("--global-batch-size", type=int, default=256, help="images per step over all processes (256)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step (0.9999)")
-    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 disables (DiT, SiT: off; REPA: 1.0)")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm; 0 disables (default: DiT, SiT off; REPA 1.0)")
     p.add_argument("--epochs", type=int, default=1400, help="passes over the cache (DiT: 1400)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs); the paper's curves: 400K")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
@@ -398,7 +491,8 @@ def parse_args(argv=None):
     p.add_argument("--num-steps", type=int, default=50, help="sampling steps of the grid")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the grid (SiT's logged samples: 4.0)")
     p.add_argument("--grid-rows", type=int, default=2, help="samples per class in the grid")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="tiny: CPU smoke run; demo: the README demo")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="tiny: CPU smoke run; tiny-repa: the same with REPA; demo: the README demo")
     args = p.parse_args(argv)
     if args.preset:
         p.set_defaults(**PRESETS[args.preset])
@@ -408,6 +502,10 @@ def parse_args(argv=None):
         args.objective = "transport" if args.model.startswith("SiT") else "diffusion"
     if args.sampler is None:
         args.sampler = "ddim" if args.objective == "diffusion" else "euler"
+    if args.grad_clip is None:  # REPA clips at 1.0, DiT and SiT do not clip
+        args.grad_clip = 1.0 if args.repa else 0.0
+    if args.cache_images is None:
+        args.cache_images = args.repa
     return args
 
 
