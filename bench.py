@@ -2,7 +2,7 @@
 dict of numbers; one line per benchmark on stdout, all of them as JSON with --out.
 
 CPU tiny smoke:
-    python bench.py --only inception train_dit sample_dit --preset tiny
+    python bench.py --only inception train_dit train_repa sample_dit --preset tiny
 Against the official DiT code (a clone of it on this machine; never vendored here):
     python bench.py --only train_dit --official-dit ~/src/DiT
 One GPU:
@@ -299,6 +299,86 @@ def bench_train_dit(args):
     return result
 
 
+def bench_train_repa(args):
+    """One REPA training step (the encoder's forward on uint8 images without gradients, the SiT
+    with projectors, interpolant + 0.5 x alignment loss, backward, AdamW with clipping, EMA) next to
+    the plain SiT step, fp32 and bf16 autocast. FLOPs (encoder included) counted on the real step;
+    MFU against the measured matmul peak (and, on GPU, 989 TFLOP/s bf16). Random weights (speed does
+    not depend on them). CPU: SiT-S/2 at 4x32x32 with DINOv2-B/14 on 256-px images, batch 8; GPU:
+    SiT-XL/2 with DINOv2-B/14, batch 32; --preset tiny: SiT-T/2 at 4x8x8 with ViT-S/14 on 32-px images."""
+    import copy
+
+    import diffusion as D
+    import models as M
+    import utils as U
+
+    device = torch.device(args.device)
+    if args.preset == "tiny":
+        name, size, image_size, encoder_name, batch, repeats = "T/2", 8, 32, "dinov2_vits14", 8, 3
+    elif device.type == "cuda":
+        name, size, image_size, encoder_name, batch, repeats = "XL/2", 32, 256, "dinov2_vitb14", 32, 10
+    else:
+        name, size, image_size, encoder_name, batch, repeats = "S/2", 32, 256, "dinov2_vitb14", 8, 3
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    encoder = M.DINOv2_models[encoder_name]().to(device).eval().requires_grad_(False)
+    grid = size // 2
+    encoder.resample_pos_embed(grid)
+    x = torch.randn(batch, 4, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, device=device)
+    objective = D.Transport("linear", "velocity", "repa")
+    steps, flops = {}, {}
+    for variant in ("sit", "repa"):
+        for precision in ("fp32", "bf16"):
+            z_dims = [encoder.embed_dim] if variant == "repa" else ()
+            model = M.build_generator(f"SiT-{name}", input_size=size, z_dims=z_dims, encoder_depth=min(8, M.DIT_SIZES[name[:-2]][0]),
+                                      learn_sigma=False).to(device).train()
+            ema = copy.deepcopy(model).requires_grad_(False)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
+
+            def loss_of(model=model, variant=variant, precision=precision):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    if variant == "repa":
+                        with torch.no_grad():
+                            targets = [M.encoder_targets(encoder, images, grid)]
+                    terms = objective.training_losses(model, x, y)
+                    loss = terms["loss"].mean()
+                    if variant == "repa":
+                        loss = loss + 0.5 * D.alignment_loss(terms["projected"], targets).mean()
+                return loss
+
+            def step(model=model, ema=ema, opt=opt, loss_of=loss_of):
+                loss = loss_of()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                U.update_ema(ema, model, 0.9999)
+
+            key = f"{variant}_{precision}"
+            steps[key] = step
+            flops[key] = _count_flops(lambda loss_of=loss_of: loss_of().backward())
+    seconds = _interleaved(steps, device, repeats)
+    peak = {dt: _peak_matmul_flops(device, dt) for dt in (torch.float32, torch.bfloat16)}
+    result = {"model": f"SiT-{name}", "encoder": encoder_name, "latent": f"4x{size}x{size}", "image": image_size,
+              "batch": batch, "device": str(device), "sit_tflop_per_step": flops["sit_fp32"] / 1e12,
+              "repa_tflop_per_step": flops["repa_fp32"] / 1e12}
+    for key, s in seconds.items():
+        dtype = torch.bfloat16 if key.endswith("bf16") else torch.float32
+        result[f"{key}_img_s"] = batch / s
+        result[f"{key}_mfu_vs_measured_peak"] = flops[key] / s / peak[dtype]
+        if device.type == "cuda" and dtype == torch.bfloat16:
+            result[f"{key}_mfu_vs_989_tflops"] = flops[key] / s / 989e12
+    for precision in ("fp32", "bf16"):
+        result[f"repa_{precision}_time_vs_sit"] = seconds[f"repa_{precision}"] / seconds[f"sit_{precision}"]
+    if device.type == "cuda":
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
 def bench_sample_dit(args):
     """DDPM sampling with classifier-free guidance (every step runs the conditional and the
     null-label batch), the generator alone (decoding excluded): DiT's 250 steps; fp32 and bf16.
@@ -331,7 +411,7 @@ def bench_sample_dit(args):
 
 
 BENCHMARKS = {"inception": bench_inception, "train_vae": bench_train_vae, "train_dit": bench_train_dit,
-              "sample_dit": bench_sample_dit}
+              "train_repa": bench_train_repa, "sample_dit": bench_sample_dit}
 
 # ----------------------------------------------------------------------------- main
 

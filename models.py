@@ -1265,7 +1265,7 @@ def released_recipe(name, image_size, vae="sd-vae-ft-ema", repa=False):
 def _config_from_generator_state(sd, encoder_depth=8):
     """input_size, in_channels, learn_sigma and num_classes of an official DiT/SiT/REPA state dict,
     and REPA's projector sizes and qk-norm when present (the projectors' depth is not in the
-    weights: REPA's SiT-XL/2 reads block 8)."""
+    weights and does not change sampling: REPA's SiT-XL/2 reads block 8, shallower nets their last)."""
     patch = sd["x_embedder.proj.weight"].shape[-1]
     in_channels = sd["x_embedder.proj.weight"].shape[1]
     grid = math.isqrt(sd["pos_embed"].shape[1])
@@ -1275,8 +1275,9 @@ def _config_from_generator_state(sd, encoder_depth=8):
                   qk_norm="blocks.0.attn.q_norm.weight" in sd)
     num_projectors = len({k.split(".")[1] for k in sd if k.startswith("projectors.")})
     if num_projectors:
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
         config.update(z_dims=[sd[f"projectors.{i}.4.weight"].shape[0] for i in range(num_projectors)],
-                      projector_dim=sd["projectors.0.0.weight"].shape[0], encoder_depth=encoder_depth)
+                      projector_dim=sd["projectors.0.0.weight"].shape[0], encoder_depth=min(encoder_depth, depth))
     return config
 
 

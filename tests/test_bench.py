@@ -25,6 +25,22 @@ def test_dit_benchmarks_tiny():
     assert sample["fp32_img_s"] > 0 and sample["bf16_img_s"] > 0
 
 
+def test_repa_benchmark_counts_the_encoder_forward():
+    """The REPA step's FLOPs exceed the plain SiT step's by the ViT-S/14 forward (2 FLOPs per
+    linear weight per token: 16 patches and the class token, batch 8) and the projector's forward
+    and backward (2048 wide, on the SiT-T's 16 tokens)."""
+    result = bench.bench_train_repa(argparse.Namespace(device="cpu", preset="tiny"))
+    encoder = models.DINOv2_models["dinov2_vits14"]()
+    linear = sum(p.numel() for n, p in encoder.named_parameters() if n.startswith("blocks.") and n.endswith("weight")
+                 and p.ndim == 2)
+    projector = sum(p.numel() for p in models.build_projector(128, 2048, 384).parameters() if p.ndim == 2)
+    estimate = 2 * linear * 17 * 8 + 3 * 2 * projector * 16 * 8  # the projector runs forward and backward
+    extra = (result["repa_tflop_per_step"] - result["sit_tflop_per_step"]) * 1e12
+    assert 0.95 * estimate < extra < 1.2 * estimate
+    for key in ("sit_fp32", "sit_bf16", "repa_fp32", "repa_bf16"):
+        assert result[f"{key}_img_s"] > 0 and 0 < result[f"{key}_mfu_vs_measured_peak"] < 1.5
+
+
 def test_official_clone_is_imported_under_other_names(tmp_path):
     """A stand-in with the official layout (models.py with DiT_models, a diffusion package with
     create_diffusion and relative imports) loads without replacing our modules."""
