@@ -875,6 +875,8 @@ def unmask_schedule(num_tokens, num_steps, mode="arccos"):
     num_steps), scaled to sum to num_tokens and rounded, each step at least 1, the last step taking
     the remainder. v: arccos 2 arccos(r) / pi, cosine cos(pi r / 2), linear 1 - r, square 1 - r^2,
     root 1 - sqrt(r). Raises ValueError when the rule cannot give every step a token."""
+    if num_steps == 1:  # v1.0's weights are all 0 there (0 / 0): one step decodes every token
+        return [num_tokens]
     r = torch.linspace(1, 0, num_steps)
     weights = {"arccos": lambda: torch.arccos(r) / (math.pi / 2), "cosine": lambda: torch.cos(r * math.pi / 2),
                "linear": lambda: 1 - r, "square": lambda: 1 - r**2, "root": lambda: 1 - r.sqrt()}
@@ -895,14 +897,15 @@ def _uniform(generators, shape, device):
 
 
 @torch.no_grad()
-def maskgit_generate(model, y, generators, num_steps=8, sched_mode="arccos", r_temp=4.5, sm_temp=1.0, cfg_scale=0.0):
+def maskgit_generate(model, y, generators, num_steps=8, sched_mode="arccos", r_temp=4.5, sm_temp=1.0, cfg_scale=4.0):
     """MaskGIT's confidence-based decoding, as MaskGIT-pytorch v1.0 (its `sample`, randomize="linear").
 
     Starts from all-mask tokens; at step i (of n) every masked token is sampled from
     softmax(sm_temp * logits) (v1.0 multiplies: sm_temp > 1 sharpens), its confidence is
     log p(token) + r_temp (1 - i / (n - 1)) g with Gumbel noise g, and the unmask_schedule(...)[i]
     most confident masked tokens are fixed for good. Guidance: logits = (1 + w) cond - w uncond with
-    w = cfg_scale * i / (n - 1), v1.0's linear ramp from 0 (cfg_scale 0: the conditional model alone).
+    w = (cfg_scale - 1) i / (n - 1): v1.0's linear ramp from 0 of its weight w, written with the
+    scale of DiT (uncond + cfg_scale (cond - uncond), so v1.0's w = 3 is cfg_scale 4, and 1 disables).
     generators: one torch.Generator per sample; sample i's draws come from generator i alone, so a
     sample does not depend on its batch. Returns (N, h, w) token indices.
     """
@@ -913,7 +916,7 @@ def maskgit_generate(model, y, generators, num_steps=8, sched_mode="arccos", r_t
     null = torch.full_like(y, model.num_classes)
     for i, k in enumerate(counts):
         ramp = i / (num_steps - 1) if num_steps > 1 else 1.0
-        w = cfg_scale * ramp
+        w = (cfg_scale - 1) * ramp
         if w != 0:  # one batch: conditional half, then the null class
             cond, uncond = model(torch.cat([z, z]), torch.cat([y, null])).float().chunk(2)
             logits = (1 + w) * cond - w * uncond
@@ -1284,8 +1287,11 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
     """-> (network, recipe). spec: a PRETRAINED_GENERATORS name (downloaded once into the cache),
     a train_dit.py checkpoint (architecture, objective and latent normalisation are stored in it;
     its EMA weights unless use_ema=False), or an official DiT/SiT `.pt` (bare state dict or
-    {"model", "ema", ...}), which needs `model_name` and gets the official recipe."""
+    {"model", "ema", ...}), which needs `model_name` and gets the official recipe. MaskGIT names,
+    `model_name`s and checkpoints go to load_maskgit (its recipe has `tokens` instead of `latent`)."""
     spec = str(spec)
+    if spec in PRETRAINED_MASKGIT or model_name in MaskGIT_models:
+        return load_maskgit(spec, model_name, trust_checkpoint, use_ema)
     if spec in PRETRAINED_GENERATORS:
         entry = PRETRAINED_GENERATORS[spec]
         path = utils.download(entry["url"], os.path.join("generators", entry["filename"]))
@@ -1294,6 +1300,8 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
         model = build_generator(model_name, input_size=entry["image_size"] // 8, num_classes=1000, learn_sigma=True)
     elif os.path.isfile(spec):
         obj = utils.load_checkpoint(spec, trust_checkpoint)
+        if isinstance(obj, dict) and "maskgit" in obj:  # a train_maskgit.py checkpoint
+            return maskgit_from_checkpoint(obj, spec, model_name, use_ema)
         if isinstance(obj, dict) and "generator" in obj:  # ours: rebuild without being told
             recipe = obj["generator"]
             if model_name and model_name != recipe["model"]:
@@ -1303,7 +1311,8 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
         else:
             sd = obj.get("ema", obj) if isinstance(obj, dict) else obj
             if not isinstance(sd, dict) or "pos_embed" not in sd:
-                raise ValueError(f"{spec} is neither a train_dit.py checkpoint nor an official DiT/SiT state dict")
+                raise ValueError(f"{spec} is neither a train_dit.py checkpoint nor an official DiT/SiT state dict "
+                                 f"(a MaskGIT-pytorch .pth file needs --model MaskGIT-B)")
             if model_name is None:
                 raise ValueError(f"{spec} is an official DiT/SiT state dict without an architecture: pass --model "
                                  f"(e.g. DiT-XL/2 or SiT-XL/2)")
@@ -1383,7 +1392,11 @@ def load_maskgit(spec, model_name=None, trust_checkpoint=False, use_ema=True):
         path = spec
     else:
         raise FileNotFoundError(f"MaskGIT {spec!r} is neither a file nor a known name ({', '.join(PRETRAINED_MASKGIT)})")
-    obj = utils.load_checkpoint(path, trust_checkpoint)
+    return maskgit_from_checkpoint(utils.load_checkpoint(path, trust_checkpoint), spec, model_name, use_ema)
+
+
+def maskgit_from_checkpoint(obj, spec, model_name=None, use_ema=True):
+    """load_maskgit's second half, for a checkpoint already read from `spec`."""
     if isinstance(obj, dict) and "maskgit" in obj:  # ours: rebuild without being told
         recipe = obj["maskgit"]
         if model_name and model_name != recipe["model"]:
