@@ -343,6 +343,7 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
 # ----------------------------------------------------------------------------- latent cache
 
 CACHE_FORMAT = "eqvae-latent-cache-1"
+TOKEN_CACHE_FORMAT = "eqvae-token-cache-1"
 
 
 def weights_hash(model):
@@ -361,19 +362,21 @@ def dataset_labels(dataset):
     return np.array([label for _, label in dataset.samples], dtype=np.int64), list(dataset.classes)
 
 
-def read_cache_meta(folder):
+def read_cache_meta(folder, fmt=CACHE_FORMAT):
+    """meta.json of a complete cache of format `fmt` (latents: CACHE_FORMAT, tokens: TOKEN_CACHE_FORMAT), or None."""
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         meta = json.load(f)
-    if meta.get("format") != CACHE_FORMAT:
-        raise RuntimeError(f"{path} is not a latent cache of this code ({meta.get('format')!r}): use another --latents folder")
+    if meta.get("format") != fmt:
+        what = "token cache" if fmt == TOKEN_CACHE_FORMAT else "latent cache"
+        raise RuntimeError(f"{path} is not a {what} of this code ({meta.get('format')!r}): use another folder")
     return meta
 
 
-def _shard_path(folder, k):
-    return os.path.join(folder, f"moments-{k:05d}.npy")
+def _shard_path(folder, k, kind="moments"):
+    return os.path.join(folder, f"{kind}-{k:05d}.npy")
 
 
 def check_cache_matches(meta, fingerprint, folder):
@@ -511,3 +514,134 @@ def denormalize_latents(x, latent):
         return x / latent["scale"] + latent["shift"]
     mean, std = (torch.tensor(latent[k], device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for k in ("mean", "std"))
     return x * std + mean
+
+
+# ----------------------------------------------------------------------------- token cache and shared cache machinery
+
+
+def build_shards(folder, dataset, plan, resume_keys, encode, batch_size=32, num_workers=4, shard_images=1000,
+                 desc="caching"):
+    """What every cache build shares. Rank 0 records `plan` in build.json (an interrupted build must
+    match it on `resume_keys`) and writes labels.npy; shards of `shard_images` images are split
+    over the ranks, with a tqdm bar on rank 0. encode(x) -> {kind: array (B, ...)} for a [-1, 1]
+    batch; each kind's shard is written atomically to KIND-NNNNN.npy in the dict's order, so the
+    last kind's file marks a finished shard and a rerun resumes after it. Call on every rank."""
+    n = len(dataset)
+    num_shards = (n + shard_images - 1) // shard_images
+    labels, _ = dataset_labels(dataset)
+    if utils.is_main():
+        os.makedirs(folder, exist_ok=True)
+        build_path = os.path.join(folder, "build.json")
+        if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build
+            with open(build_path) as f:
+                check_cache_matches(json.load(f), {k: plan[k] for k in resume_keys}, folder)
+        else:
+            utils.write_json(build_path, plan)
+        np.save(os.path.join(folder, "labels.npy"), labels)
+    utils.barrier()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    mine = range(rank, num_shards, world)
+    marker = plan["shard_kinds"][-1]
+    todo = [k for k in mine if not os.path.isfile(_shard_path(folder, k, marker))]
+    sizes = {k: min(n, (k + 1) * shard_images) - k * shard_images for k in mine}
+    bar = tqdm(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[k] for k in todo), unit="img",
+               desc=f"{desc} (rank 0 of {world})" if world > 1 else desc, disable=not utils.is_main())
+    for k in todo:
+        indices = list(range(k * shard_images, min(n, (k + 1) * shard_images)))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
+        parts = {}
+        for x, _ in loader:
+            for kind, array in encode(x).items():
+                parts.setdefault(kind, []).append(array)
+            bar.update(x.shape[0])
+        for kind in plan["shard_kinds"]:
+            tmp = _shard_path(folder, k, kind) + ".tmp.npy"
+            np.save(tmp, np.concatenate(parts[kind]))
+            os.replace(tmp, _shard_path(folder, k, kind))
+    bar.close()
+    utils.barrier()
+
+
+def finish_cache(folder, meta, fmt):
+    """Rank 0 writes meta.json (its presence marks a complete cache) and drops build.json; every
+    rank then reads the meta back."""
+    if utils.is_main():
+        utils.write_json(os.path.join(folder, "meta.json"), meta)
+        os.remove(os.path.join(folder, "build.json"))
+    utils.barrier()
+    return read_cache_meta(folder, fmt)
+
+
+def open_shards(folder, meta, expected, what):
+    """Check every shard of a complete cache when it is opened: expected {kind: (row shape, dtype)};
+    a missing, truncated or mismatched shard is named with the fix."""
+    n, per = meta["count"], meta["shard_images"]
+    for k in range((n + per - 1) // per):
+        rows = min(per, n - k * per)
+        for kind, (shape, dtype) in expected.items():
+            path = _shard_path(folder, k, kind)
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"{what} shard {path} is missing or truncated ({e}): delete it and run again with "
+                                   f"--data-path and --vae to rebuild it") from None
+            if arr.shape != (rows, *shape) or arr.dtype != np.dtype(dtype):
+                raise RuntimeError(f"{what} shard {path} holds {arr.shape} {arr.dtype}, expected {(rows, *shape)} "
+                                   f"{np.dtype(dtype)}: delete it and rebuild")
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    if len(labels) != n:
+        raise RuntimeError(f"{folder}/labels.npy has {len(labels)} labels for {n} images: rebuild the cache")
+    return labels
+
+
+def build_token_cache(folder, dataset, encode, fingerprint, grid, codebook_size, info=None, batch_size=32,
+                      num_workers=4, device="cpu", shard_images=1000):
+    """Quantise every image of `dataset` (ADM center crop) and its horizontal flip into `folder`:
+    tokens-NNNNN.npy (n, 2 [image, flip], grid, grid) int16 codebook indices, memory-mapped when
+    read; labels.npy; meta.json last, with the fingerprint (VQ weights hash, image size, crop), the
+    token grid, the codebook size and the labels' names. encode(x) -> (N, grid, grid) indices of a
+    [-1, 1] batch. Distributed, resumable and refused for another VQ model as the latent cache.
+    Call on every rank; returns the meta dict."""
+    if codebook_size > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"a codebook of {codebook_size} codes does not fit the cache's int16 tokens")
+    _, class_names = dataset_labels(dataset)
+    plan = dict(info or {}, **fingerprint, format=TOKEN_CACHE_FORMAT, count=len(dataset), token_grid=grid,
+                codebook_size=codebook_size, shard_images=shard_images, shard_kinds=["tokens"],
+                num_classes=len(class_names), class_names=class_names)
+
+    def encode_pairs(x):
+        x = x.to(device)
+        tokens = encode(torch.cat([x, torch.flip(x, dims=[3])])).cpu().numpy().astype(np.int16)  # every image, then every flip
+        B = x.shape[0]
+        return {"tokens": np.stack([tokens[:B], tokens[B:]], 1)}  # (B, 2, grid, grid)
+
+    build_shards(folder, dataset, plan, (*fingerprint, "count", "shard_images"), encode_pairs, batch_size, num_workers,
+                 shard_images, desc="caching tokens")
+    return finish_cache(folder, plan, TOKEN_CACHE_FORMAT)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """The cached tokens: item i is ((grid, grid) int64 codebook indices, label) of image i or of
+    its flip, the flip drawn from (seed, epoch, i) as LatentDataset's (flip=False: never)."""
+
+    def __init__(self, folder, flip=True, seed=0):
+        self.meta = read_cache_meta(folder, TOKEN_CACHE_FORMAT)
+        if self.meta is None:
+            partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
+                if os.path.isfile(os.path.join(folder, "build.json")) else ""
+            raise FileNotFoundError(f"--tokens {folder} holds no complete token cache{partial}")
+        grid = self.meta["token_grid"]
+        self.labels = open_shards(folder, self.meta, {"tokens": ((2, grid, grid), np.int16)}, "token cache")
+        self.folder, self.flip, self.seed, self.epoch = folder, flip, seed, 0
+        self.shards = {}
+
+    def __len__(self):
+        return self.meta["count"]
+
+    def __getitem__(self, index):
+        k, row = divmod(index, self.meta["shard_images"])
+        if k not in self.shards:  # opened lazily, once per worker process
+            self.shards[k] = np.load(_shard_path(self.folder, k, "tokens"), mmap_mode="r")
+        flipped = int(self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5)
+        return torch.from_numpy(self.shards[k][row, flipped].astype(np.int64)), int(self.labels[index])
