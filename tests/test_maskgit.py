@@ -252,3 +252,137 @@ def test_cfg_scale_one_is_the_conditional_model_alone():
         a = models.maskgit_generate(net, y, generators(range(4)), num_steps=6, cfg_scale=scale)
         b = models.maskgit_generate(other, y, generators(range(4)), num_steps=6, cfg_scale=scale)
         assert torch.equal(a, b) == same, scale
+
+
+# ----------------------------------------------------------------------------- the token cache and the CLIs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One process: the token cache (32 shapes at 32 px, a random tiny VQ model, shards of 10) and
+    4 training steps of MaskGIT-T with a sample grid at the end."""
+    base = tmp_path_factory.mktemp("maskgit")
+    out = run_cli("train_maskgit.py", ["--preset", "tiny", "--tokens", str(base / "tokens"), "--cache-shard-size", "10",
+                                       "--run-dir", str(base / "run")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return base
+
+
+def test_token_cache_round_trip(tiny_run):
+    """Decoding the cached indices gives what the VQ model decodes from its own quantisation of the
+    image (and of its mirror image)."""
+    cache = tiny_run / "tokens"
+    meta = data.read_cache_meta(str(cache), data.TOKEN_CACHE_FORMAT)
+    assert meta["count"] == 32 and meta["token_grid"] == 8 and meta["codebook_size"] == 64 and meta["crop"] == "adm"
+    assert [len(np.load(cache / f"tokens-{k:05d}.npy")) for k in range(4)] == [10, 10, 10, 2]
+    ae = models.load_autoencoder(meta["vae"]).eval()
+    assert data.weights_hash(ae) == meta["vae_hash"]
+    ds = data.TokenDataset(str(cache), flip=False)
+    x = torch.stack([data.ShapesDataset(32, 32)[i][0] for i in (0, 31)])
+    with torch.no_grad():
+        for flipped, images in ((0, x), (1, torch.flip(x, dims=[3]))):
+            zq, _, indices = ae.quantize_features(ae.encode_features(images))
+            cached = torch.from_numpy(np.stack([np.load(cache / "tokens-00000.npy")[0, flipped],
+                                                np.load(cache / "tokens-00003.npy")[1, flipped]]).astype(np.int64))
+            assert torch.equal(cached, indices)
+            torch.testing.assert_close(ae.decode_indices(cached), ae.decode(zq), rtol=1e-5, atol=1e-5)
+    # the dataset serves image 31's own tokens (flip=False) as int64 with its label
+    assert torch.equal(ds[31][0], torch.from_numpy(np.load(cache / "tokens-00003.npy")[1, 0]).long())
+    assert ds[31][1] == 1 and ds[0][0].dtype == torch.int64
+
+
+def test_tiny_smoke_single_process_outputs(tiny_run):
+    run = tiny_run / "run"
+    for name in ("log.txt", "metrics.jsonl", "args.json", "checkpoints/0000002.pt", "checkpoints/0000004.pt",
+                 "checkpoints/latest.pt", "samples-0000004.png"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(np.isfinite(r["train/loss"]) and 0 <= r["train/acc"] <= 1 and r["train/images_per_sec"] > 0 for r in records)
+    assert [r["train/lr"] for r in records] == [5e-5, 1e-4]  # linear warm-up over 2 steps, then --lr
+    ckpt = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
+    assert ckpt["ema"] is None and ckpt["maskgit"]["tokens"]["vae"].endswith("autoencoder.pt")
+    net, recipe = models.load_generator(str(run / "checkpoints" / "latest.pt"))
+    assert isinstance(net, models.MaskGIT) and recipe == ckpt["maskgit"] and net.num_tokens == 64
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in net.state_dict().items())
+
+
+def test_two_process_resume_equals_uninterrupted_run(tiny_run, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--max-steps", "6", "--ckpt-every", "3",
+              "--sample-every", "0", "--global-batch-size", "8", "--ema-decay", "0.9"]  # 4 steps per epoch: crosses one
+    out = run_cli("train_maskgit.py", [*common, "--run-dir", str(full)], nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.link(full / "checkpoints" / "0000003.pt", resumed / "checkpoints" / "0000003.pt")
+    out = run_cli("train_maskgit.py", [*common, "--resume", str(resumed / "checkpoints" / "0000003.pt")], nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = utils.load_checkpoint(str(full / "checkpoints" / "0000006.pt"))
+    b = utils.load_checkpoint(str(resumed / "checkpoints" / "0000006.pt"))
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert b["step"] == 6 and len(b["rng"]) == 2 and "world size 2" in (full / "log.txt").read_text()
+    assert read_metrics(full)[-1]["train/loss"] == read_metrics(resumed)[-1]["train/loss"]
+
+
+def test_sample_npz_on_two_processes_and_evaluate_gen(tiny_run, tmp_path):
+    ckpt = str(tiny_run / "run" / "checkpoints" / "latest.pt")
+    out = run_cli("sample.py", ["--preset", "tiny", "--ckpt", ckpt, "--num-samples", "6", "--per-proc-batch-size", "2",
+                                "--sample-dir", str(tmp_path / "s")], nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    samples = np.load(tmp_path / "s" / "samples.npz")
+    assert samples["arr_0"].shape == (6, 32, 32, 3) and samples["arr_0"].dtype == np.uint8 and samples["arr_1"].max() < 10
+    settings = json.loads((tmp_path / "s" / "settings.json").read_text())
+    assert (settings["num_steps"], settings["cfg_scale"], settings["r_temp"], settings["sched_mode"]) == (4, 4.0, 4.5, "arccos")
+    # sample i depends on the seed and i alone: samples 4 and 5, recomputed here in a batch of their own
+    import diffusion
+
+    net, recipe = models.load_generator(ckpt)
+    ae = models.load_autoencoder(recipe["tokens"]["vae"]).eval()
+    noise = diffusion.SampleNoise(0, [4, 5], "cpu")
+    y = noise.labels(net.num_classes)
+    z = models.maskgit_generate(net.eval(), y, noise.generators, num_steps=4)
+    assert np.array_equal(samples["arr_1"][4:], y.numpy())
+    assert np.abs(models.to_uint8(ae.decode_indices(z)).permute(0, 2, 3, 1).numpy().astype(int)
+                  - samples["arr_0"][4:]).max() <= 1
+    ref = tmp_path / "ref.npz"
+    res = run_cli("evaluate.py", ["ref", "--data-path", "builtin:shapes:8", "--image-size", "32", "--out", str(ref),
+                                  "--inception-weights", "random", "--preset", "tiny"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("evaluate.py", ["gen", "--ref", str(ref), "--sample", str(tmp_path / "s" / "samples.npz"),
+                                  "--inception-weights", "random", "--preset", "tiny", "--sqrtm", "eigh",
+                                  "--out", str(tmp_path / "gen.json")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert np.isfinite(json.loads((tmp_path / "gen.json").read_text())["fid"])
+
+
+def test_bad_input_fails_before_anything_is_written(tiny_run, tmp_path):
+    out = run_cli("train_maskgit.py", ["--preset", "tiny", "--tokens", str(tmp_path / "t"), "--vae", "scratch:tiny",
+                                       "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "continuous (KL)" in out.stderr and "--vae scratch:tiny" in out.stderr
+    out = run_cli("train_maskgit.py", ["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--num-steps", "65",
+                                       "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "--num-steps 65" in out.stderr
+    out = run_cli("sample.py", ["--preset", "tiny", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
+                                "--sampler", "ddim", "--sample-dir", str(tmp_path / "s")])
+    assert out.returncode == 2 and "--sampler is for DiT/SiT models" in out.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t" / "meta.json").exists() and not (tmp_path / "s").exists()
+
+
+def test_benchmarks_tiny():
+    """bench.py's MaskGIT entries: the counted FLOPs of a training step are about 3x the forward's
+    2 FLOPs per weight per token (the transformer's linears over T + 1 tokens, the tied output
+    projection over T), and the rates are positive."""
+    import argparse
+
+    import bench
+
+    args = argparse.Namespace(device="cpu", preset="tiny", official_dit=None)
+    train = bench.bench_train_maskgit(args)
+    hidden, depth, _, mlp = models.MASKGIT_SIZES["T"]
+    weights = depth * (4 * hidden * hidden + 2 * hidden * mlp) + 3 * hidden * hidden
+    estimate = 3 * 2 * (weights * 65 + 1024 * hidden * 64) * 8
+    assert 0.95 * estimate < train["train_tflop_per_step"] * 1e12 < 1.2 * estimate
+    assert train["fp32_img_s"] > 0 and 0 < train["fp32_mfu_vs_measured_peak"] < 1.5
+    assert bench.bench_sample_maskgit(args)["bf16_img_s"] > 0
