@@ -2,7 +2,8 @@
 
 Rooms: image reading (any mode -> RGB), crops (ADM center crop, LDM training crop),
 folder datasets (class folders and flat/recursive folders, bad files skipped and named),
-the built-in procedural dataset `builtin:shapes`, and `make_dataset` that picks one from a path.
+the built-in procedural dataset `builtin:shapes`, and `make_dataset` that picks one from a path;
+the caches: the machinery they share, the latent cache (DiT/SiT), the token cache (MaskGIT).
 """
 import hashlib
 import json
@@ -340,7 +341,7 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
                               min_size=min_size, seed=seed)
 
 
-# ----------------------------------------------------------------------------- latent cache
+# ----------------------------------------------------------------------------- caches (shared machinery, latents)
 
 CACHE_FORMAT = "eqvae-latent-cache-1"
 TOKEN_CACHE_FORMAT = "eqvae-token-cache-1"
@@ -385,138 +386,6 @@ def check_cache_matches(meta, fingerprint, folder):
     if diffs:
         raise RuntimeError(f"--latents {folder} was built differently, so it cannot be used for this run:\n  "
                            + "\n  ".join(diffs) + "\nchoose another --latents folder (or delete this one to rebuild it)")
-
-
-def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=None, batch_size=32, num_workers=4,
-                       dtype="float16", device="cpu", shard_images=1000):
-    """Encode every image of `dataset` (ADM center crop) and its horizontal flip into `folder`.
-
-    encode(x) -> (mean, std) of the posterior for a [-1, 1] batch. `fingerprint` (weights hash,
-    image size, crop) must match for the cache to be used; `info` is recorded alongside. Shards of
-    `shard_images` images are split over the ranks and written atomically, so an interrupted build
-    resumes where it stopped. Files: moments-NNNNN.npy (n, 2 [image, flip], 2 [mean, std], C, h, w), labels.npy,
-    and meta.json last (its presence marks a complete cache), with the per-channel mean and std of
-    z ~ q(z|x) over every stored latent. Call on every rank; returns the meta dict.
-    """
-    n = len(dataset)
-    num_shards = (n + shard_images - 1) // shard_images
-    labels, class_names = dataset_labels(dataset)
-    plan = dict(info or {}, **fingerprint, format=CACHE_FORMAT, count=n, latent_shape=list(latent_shape), dtype=dtype,
-                shard_images=shard_images, num_classes=len(class_names), class_names=class_names)
-    if utils.is_main():
-        os.makedirs(folder, exist_ok=True)
-        build_path = os.path.join(folder, "build.json")
-        if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build
-            with open(build_path) as f:
-                check_cache_matches(json.load(f), {k: plan[k] for k in (*fingerprint, "count", "dtype", "shard_images")}, folder)
-        else:
-            utils.write_json(build_path, plan)
-        np.save(os.path.join(folder, "labels.npy"), labels)
-    utils.barrier()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    mine = range(rank, num_shards, world)
-    todo = [k for k in mine if not os.path.isfile(_shard_path(folder, k))]
-    sizes = {k: min(n, (k + 1) * shard_images) - k * shard_images for k in mine}
-    bar = tqdm(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[k] for k in todo), unit="img",
-               desc=f"caching latents (rank 0 of {world})" if world > 1 else "caching latents", disable=not utils.is_main())
-    for k in todo:
-        indices = list(range(k * shard_images, min(n, (k + 1) * shard_images)))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
-        parts = []
-        for x, _ in loader:
-            x = x.to(device)
-            mean, std = encode(torch.cat([x, torch.flip(x, dims=[3])]))  # every image, then every flip
-            mean, std = (m.float().cpu().numpy() for m in (mean, std))
-            B = x.shape[0]
-            parts.append(np.stack([np.stack([mean[:B], std[:B]], 1), np.stack([mean[B:], std[B:]], 1)], 1))
-            bar.update(B)
-        shard = np.concatenate(parts).astype(dtype)
-        tmp = _shard_path(folder, k) + ".tmp.npy"
-        np.save(tmp, shard)
-        os.replace(tmp, _shard_path(folder, k))
-    bar.close()
-    utils.barrier()
-    if utils.is_main():
-        # per-channel statistics of z = mean + std * noise over all stored latents, exactly:
-        # E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2]
-        C = latent_shape[0]
-        s1, s2, count = np.zeros(C), np.zeros(C), 0
-        for k in range(num_shards):
-            shard = np.load(_shard_path(folder, k), mmap_mode="r")
-            m, s = shard[:, :, 0].astype(np.float64), shard[:, :, 1].astype(np.float64)
-            s1 += m.sum(axis=(0, 1, 3, 4))
-            s2 += (m ** 2 + s ** 2).sum(axis=(0, 1, 3, 4))
-            count += m.shape[0] * m.shape[1] * m.shape[3] * m.shape[4]
-        mu = s1 / count
-        meta = dict(plan, channel_mean=mu.tolist(), channel_std=np.sqrt(np.maximum(s2 / count - mu ** 2, 0)).tolist())
-        utils.write_json(os.path.join(folder, "meta.json"), meta)
-        os.remove(os.path.join(folder, "build.json"))
-    utils.barrier()
-    return read_cache_meta(folder)
-
-
-class LatentDataset(torch.utils.data.Dataset):
-    """The cached posteriors: item i is ((2, C, h, w) [mean, std], label) of image i or of its flip,
-    the flip drawn from (seed, epoch, i) like every other augmentation here (flip=False: never).
-    Every shard is checked when the dataset is opened; a truncated or mismatched one is named."""
-
-    def __init__(self, folder, flip=True, seed=0):
-        self.meta = read_cache_meta(folder)
-        if self.meta is None:
-            partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
-                if os.path.isfile(os.path.join(folder, "build.json")) else ""
-            raise FileNotFoundError(f"--latents {folder} holds no complete latent cache{partial}")
-        self.folder, self.flip, self.seed, self.epoch = folder, flip, seed, 0
-        n, per = self.meta["count"], self.meta["shard_images"]
-        self.num_shards = (n + per - 1) // per
-        expected = tuple(self.meta["latent_shape"])
-        for k in range(self.num_shards):
-            path = _shard_path(folder, k)
-            rows = min(per, n - k * per)
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise RuntimeError(f"latent cache shard {path} is missing or truncated ({e}): delete it and run "
-                                   f"again with --data-path and --vae to rebuild it") from None
-            if arr.shape != (rows, 2, 2, *expected) or arr.dtype != np.dtype(self.meta["dtype"]):
-                raise RuntimeError(f"latent cache shard {path} holds {arr.shape} {arr.dtype}, expected "
-                                   f"{(rows, 2, 2, *expected)} {self.meta['dtype']}: delete it and rebuild")
-        self.labels = np.load(os.path.join(folder, "labels.npy"))
-        if len(self.labels) != n:
-            raise RuntimeError(f"{folder}/labels.npy has {len(self.labels)} labels for {n} images: rebuild the cache")
-        self.shards = {}
-
-    def __len__(self):
-        return self.meta["count"]
-
-    def __getitem__(self, index):
-        k, row = divmod(index, self.meta["shard_images"])
-        if k not in self.shards:  # opened lazily, once per worker process
-            self.shards[k] = np.load(_shard_path(self.folder, k), mmap_mode="r")
-        flipped = int(self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5)
-        moments = torch.from_numpy(np.array(self.shards[k][row, flipped], dtype=np.float32))
-        return moments, int(self.labels[index])
-
-
-def normalize_latents(z, latent):
-    """Autoencoder latents -> the generator's space: (z - shift) * scale (DiT's 0.18215 for SD-VAE)
-    or per channel (z - mean) / std, as recorded in a recipe's `latent` dict."""
-    if latent["norm"] == "scale":
-        return (z - latent["shift"]) * latent["scale"]
-    mean, std = (torch.tensor(latent[k], device=z.device, dtype=z.dtype).view(1, -1, 1, 1) for k in ("mean", "std"))
-    return (z - mean) / std
-
-
-def denormalize_latents(x, latent):
-    """The inverse of normalize_latents (what the autoencoder's decoder takes)."""
-    if latent["norm"] == "scale":
-        return x / latent["scale"] + latent["shift"]
-    mean, std = (torch.tensor(latent[k], device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for k in ("mean", "std"))
-    return x * std + mean
-
-
-# ----------------------------------------------------------------------------- token cache and shared cache machinery
 
 
 def build_shards(folder, dataset, plan, resume_keys, encode, batch_size=32, num_workers=4, shard_images=1000,
@@ -593,6 +462,97 @@ def open_shards(folder, meta, expected, what):
     if len(labels) != n:
         raise RuntimeError(f"{folder}/labels.npy has {len(labels)} labels for {n} images: rebuild the cache")
     return labels
+
+
+def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=None, batch_size=32, num_workers=4,
+                       dtype="float16", device="cpu", shard_images=1000):
+    """Encode every image of `dataset` (ADM center crop) and its horizontal flip into `folder`.
+
+    encode(x) -> (mean, std) of the posterior for a [-1, 1] batch. `fingerprint` (weights hash,
+    image size, crop) must match for the cache to be used; `info` is recorded alongside. Shards of
+    `shard_images` images are split over the ranks and written atomically, so an interrupted build
+    resumes where it stopped. Files: moments-NNNNN.npy (n, 2 [image, flip], 2 [mean, std], C, h, w), labels.npy,
+    and meta.json last (its presence marks a complete cache), with the per-channel mean and std of
+    z ~ q(z|x) over every stored latent. Call on every rank; returns the meta dict.
+    """
+    n = len(dataset)
+    num_shards = (n + shard_images - 1) // shard_images
+    _, class_names = dataset_labels(dataset)
+    plan = dict(info or {}, **fingerprint, format=CACHE_FORMAT, count=n, latent_shape=list(latent_shape), dtype=dtype,
+                shard_images=shard_images, shard_kinds=["moments"], num_classes=len(class_names), class_names=class_names)
+
+    def encode_pairs(x):
+        x = x.to(device)
+        mean, std = encode(torch.cat([x, torch.flip(x, dims=[3])]))  # every image, then every flip
+        mean, std = (m.float().cpu().numpy() for m in (mean, std))
+        B = x.shape[0]
+        return {"moments": np.stack([np.stack([mean[:B], std[:B]], 1), np.stack([mean[B:], std[B:]], 1)], 1).astype(dtype)}
+
+    build_shards(folder, dataset, plan, (*fingerprint, "count", "dtype", "shard_images"), encode_pairs, batch_size,
+                 num_workers, shard_images, desc="caching latents")
+    meta = plan
+    if utils.is_main():
+        # per-channel statistics of z = mean + std * noise over all stored latents, exactly:
+        # E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2]
+        C = latent_shape[0]
+        s1, s2, count = np.zeros(C), np.zeros(C), 0
+        for k in range(num_shards):
+            shard = np.load(_shard_path(folder, k), mmap_mode="r")
+            m, s = shard[:, :, 0].astype(np.float64), shard[:, :, 1].astype(np.float64)
+            s1 += m.sum(axis=(0, 1, 3, 4))
+            s2 += (m ** 2 + s ** 2).sum(axis=(0, 1, 3, 4))
+            count += m.shape[0] * m.shape[1] * m.shape[3] * m.shape[4]
+        mu = s1 / count
+        meta = dict(plan, channel_mean=mu.tolist(), channel_std=np.sqrt(np.maximum(s2 / count - mu ** 2, 0)).tolist())
+    return finish_cache(folder, meta, CACHE_FORMAT)
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """The cached posteriors: item i is ((2, C, h, w) [mean, std], label) of image i or of its flip,
+    the flip drawn from (seed, epoch, i) like every other augmentation here (flip=False: never).
+    Every shard is checked when the dataset is opened; a truncated or mismatched one is named."""
+
+    def __init__(self, folder, flip=True, seed=0):
+        self.meta = read_cache_meta(folder)
+        if self.meta is None:
+            partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
+                if os.path.isfile(os.path.join(folder, "build.json")) else ""
+            raise FileNotFoundError(f"--latents {folder} holds no complete latent cache{partial}")
+        self.folder, self.flip, self.seed, self.epoch = folder, flip, seed, 0
+        self.labels = open_shards(folder, self.meta, {"moments": ((2, 2, *self.meta["latent_shape"]), self.meta["dtype"])},
+                                  "latent cache")
+        self.shards = {}
+
+    def __len__(self):
+        return self.meta["count"]
+
+    def __getitem__(self, index):
+        k, row = divmod(index, self.meta["shard_images"])
+        if k not in self.shards:  # opened lazily, once per worker process
+            self.shards[k] = np.load(_shard_path(self.folder, k), mmap_mode="r")
+        flipped = int(self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5)
+        moments = torch.from_numpy(np.array(self.shards[k][row, flipped], dtype=np.float32))
+        return moments, int(self.labels[index])
+
+
+def normalize_latents(z, latent):
+    """Autoencoder latents -> the generator's space: (z - shift) * scale (DiT's 0.18215 for SD-VAE)
+    or per channel (z - mean) / std, as recorded in a recipe's `latent` dict."""
+    if latent["norm"] == "scale":
+        return (z - latent["shift"]) * latent["scale"]
+    mean, std = (torch.tensor(latent[k], device=z.device, dtype=z.dtype).view(1, -1, 1, 1) for k in ("mean", "std"))
+    return (z - mean) / std
+
+
+def denormalize_latents(x, latent):
+    """The inverse of normalize_latents (what the autoencoder's decoder takes)."""
+    if latent["norm"] == "scale":
+        return x / latent["scale"] + latent["shift"]
+    mean, std = (torch.tensor(latent[k], device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for k in ("mean", "std"))
+    return x * std + mean
+
+
+# ----------------------------------------------------------------------------- token cache
 
 
 def build_token_cache(folder, dataset, encode, fingerprint, grid, codebook_size, info=None, batch_size=32,
