@@ -386,3 +386,31 @@ def test_benchmarks_tiny():
     assert 0.95 * estimate < train["train_tflop_per_step"] * 1e12 < 1.2 * estimate
     assert train["fp32_img_s"] > 0 and 0 < train["fp32_mfu_vs_measured_peak"] < 1.5
     assert bench.bench_sample_maskgit(args)["bf16_img_s"] > 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path, monkeypatch):
+    real = train_maskgit.masked_token_loss
+    calls = {"n": 0}
+
+    def planted(*a, **k):
+        loss, logits = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), logits
+
+    monkeypatch.setattr(train_maskgit, "masked_token_loss", planted)
+    run = tmp_path / "run"
+    args = train_maskgit.parse_args(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--max-steps", "6",
+                                     "--ckpt-every", "2", "--log-every", "1", "--sample-every", "0", "--run-dir", str(run)])
+    with pytest.raises(SystemExit) as e:
+        train_maskgit.main(args)
+    assert e.value.code == 3 and "non-finite loss or gradient at step 2" in (run / "log.txt").read_text()
+    assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == 2
+
+
+def test_released_names_resolve_offline_to_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("EQVAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(RuntimeError) as e:
+        models.load_generator("MaskGIT-B-256")
+    assert models.PRETRAINED_MASKGIT["MaskGIT-B-256"]["url"] in str(e.value)
+    assert os.path.join(str(tmp_path / "cache"), "generators", "MaskGIT_ImageNet_256.pth") in str(e.value)
