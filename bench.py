@@ -2,7 +2,7 @@
 dict of numbers; one line per benchmark on stdout, all of them as JSON with --out.
 
 CPU tiny smoke:
-    python bench.py --only inception train_dit train_repa sample_dit --preset tiny
+    python bench.py --only inception train_dit train_repa sample_dit train_maskgit sample_maskgit --preset tiny
 Against the official DiT code (a clone of it on this machine; never vendored here):
     python bench.py --only train_dit --official-dit ~/src/DiT
 One GPU:
@@ -410,8 +410,93 @@ def bench_sample_dit(args):
     return result
 
 
+def _maskgit_size(args, device):
+    """(model, token grid side, batch): MaskGIT-T on 8x8 tokens (--preset tiny), MaskGIT-S on 16x16
+    (CPU), v1.0's MaskGIT-B on 16x16 tokens of 256 px images, 1024 codes, batch 64 (its 512 over 8 GPUs)."""
+    if args.preset == "tiny":
+        return "MaskGIT-T", 8, 8
+    return ("MaskGIT-B", 16, 64) if device.type == "cuda" else ("MaskGIT-S", 16, 8)
+
+
+def bench_train_maskgit(args):
+    """One MaskGIT training step as train_maskgit.py takes it (arccos masks, label dropout,
+    label-smoothed cross-entropy on the masked tokens, backward, clipping, AdamW with v1.0's betas),
+    fp32 and bf16 autocast, interleaved; FLOPs counted on the real step (forward and backward) and
+    MFU against the measured matmul peak as bench_train_dit (on GPU also the 989 TFLOP/s datasheet)."""
+    import models as M
+    import train_maskgit
+
+    device = torch.device(args.device)
+    name, side, batch = _maskgit_size(args, device)
+    repeats = 3 if args.preset == "tiny" else (10 if device.type == "cuda" else 3)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    z = torch.randint(0, 1024, (batch, side, side), device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    steps, flops = {}, {}
+    for precision in ("fp32", "bf16"):
+        model = M.MaskGIT_models[name](input_size=side).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=1e-5, fused=True)
+
+        def loss_of(model=model, precision=precision):
+            mask = train_maskgit.draw_mask(z, "arccos")
+            labels = torch.where(torch.rand(batch, device=device) < 0.1, model.num_classes, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                return train_maskgit.masked_token_loss(model, z, labels, mask, model.mask_token, 0.1)[0]
+
+        def step(model=model, opt=opt, loss_of=loss_of):
+            loss = loss_of()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        steps[precision] = step
+        flops[precision] = _count_flops(lambda loss_of=loss_of: loss_of().backward())
+    seconds = _interleaved(steps, device, repeats)
+    peak = {dt: _peak_matmul_flops(device, dt) for dt in (torch.float32, torch.bfloat16)}
+    result = {"model": name, "tokens": f"{side}x{side}", "batch": batch, "device": str(device),
+              "train_tflop_per_step": flops["fp32"] / 1e12, "measured_peak_tflops_fp32": peak[torch.float32] / 1e12,
+              "measured_peak_tflops_bf16": peak[torch.bfloat16] / 1e12}
+    for precision, s in seconds.items():
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        result[f"{precision}_img_s"] = batch / s
+        result[f"{precision}_mfu_vs_measured_peak"] = flops[precision] / s / peak[dtype]
+        if device.type == "cuda" and precision == "bf16":
+            result["bf16_mfu_vs_989_tflops"] = flops[precision] / s / 989e12
+    if device.type == "cuda":
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def bench_sample_maskgit(args):
+    """MaskGIT decoding as sample.py runs it: 8 arccos steps, Gumbel temperature 4.5, guidance 4
+    (v1.0's w = 3; every step but the first runs the conditional and the null-class batch), the
+    transformer alone (VQ decoding excluded); fp32 and bf16. Sizes as bench_train_maskgit."""
+    import models as M
+
+    device = torch.device(args.device)
+    name, side, batch = _maskgit_size(args, device)
+    torch.manual_seed(0)
+    model = M.MaskGIT_models[name](input_size=side).to(device).eval()
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def run(precision):
+        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            M.maskgit_generate(model, y, generators, num_steps=8, cfg_scale=4.0)
+
+    seconds = _interleaved({p: (lambda p=p: run(p)) for p in ("fp32", "bf16")}, device, repeats=3)
+    result = {"model": name, "tokens": f"{side}x{side}", "batch": batch, "steps": 8, "cfg": 4.0, "device": str(device)}
+    for p, s in seconds.items():
+        result[f"{p}_img_s"] = batch / s
+    return result
+
+
 BENCHMARKS = {"inception": bench_inception, "train_vae": bench_train_vae, "train_dit": bench_train_dit,
-              "train_repa": bench_train_repa, "sample_dit": bench_sample_dit}
+              "train_repa": bench_train_repa, "sample_dit": bench_sample_dit, "train_maskgit": bench_train_maskgit,
+              "sample_maskgit": bench_sample_maskgit}
 
 # ----------------------------------------------------------------------------- main
 

@@ -2,7 +2,8 @@
 
 Rooms: image reading (any mode -> RGB), crops (ADM center crop, LDM training crop),
 folder datasets (class folders and flat/recursive folders, bad files skipped and named),
-the built-in procedural dataset `builtin:shapes`, and `make_dataset` that picks one from a path.
+the built-in procedural dataset `builtin:shapes`, and `make_dataset` that picks one from a path;
+the caches: the machinery they share, the latent cache (DiT/SiT), the token cache (MaskGIT).
 """
 import hashlib
 import json
@@ -340,9 +341,10 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
                               min_size=min_size, seed=seed)
 
 
-# ----------------------------------------------------------------------------- latent cache
+# ----------------------------------------------------------------------------- caches (shared machinery, latents)
 
 CACHE_FORMAT = "eqvae-latent-cache-1"
+TOKEN_CACHE_FORMAT = "eqvae-token-cache-1"
 
 
 def weights_hash(model):
@@ -361,14 +363,16 @@ def dataset_labels(dataset):
     return np.array([label for _, label in dataset.samples], dtype=np.int64), list(dataset.classes)
 
 
-def read_cache_meta(folder):
+def read_cache_meta(folder, fmt=CACHE_FORMAT):
+    """meta.json of a complete cache of format `fmt` (latents: CACHE_FORMAT, tokens: TOKEN_CACHE_FORMAT), or None."""
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         meta = json.load(f)
-    if meta.get("format") != CACHE_FORMAT:
-        raise RuntimeError(f"{path} is not a latent cache of this code ({meta.get('format')!r}): use another --latents folder")
+    if meta.get("format") != fmt:
+        what = "token cache" if fmt == TOKEN_CACHE_FORMAT else "latent cache"
+        raise RuntimeError(f"{path} is not a {what} of this code ({meta.get('format')!r}): use another folder")
     return meta
 
 
@@ -389,6 +393,82 @@ def check_cache_matches(meta, fingerprint, folder):
                            + "\n  ".join(diffs) + "\nchoose another --latents folder (or delete this one to rebuild it)")
 
 
+def build_shards(folder, dataset, plan, resume_keys, encode, batch_size=32, num_workers=4, shard_images=1000,
+                 desc="caching"):
+    """What every cache build shares. Rank 0 records `plan` in build.json (an interrupted build must
+    match it on `resume_keys`) and writes labels.npy; shards of `shard_images` images are split
+    over the ranks, with a tqdm bar on rank 0. encode(x) -> {kind: array (B, ...)} for a [-1, 1]
+    batch; each kind's shard is written atomically to KIND-NNNNN.npy in the dict's order, so the
+    last kind's file marks a finished shard and a rerun resumes after it. Call on every rank."""
+    n = len(dataset)
+    num_shards = (n + shard_images - 1) // shard_images
+    labels, _ = dataset_labels(dataset)
+    if utils.is_main():
+        os.makedirs(folder, exist_ok=True)
+        build_path = os.path.join(folder, "build.json")
+        if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build
+            with open(build_path) as f:
+                check_cache_matches(json.load(f), {k: plan[k] for k in resume_keys}, folder)
+        else:
+            utils.write_json(build_path, plan)
+        np.save(os.path.join(folder, "labels.npy"), labels)
+    utils.barrier()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    mine = range(rank, num_shards, world)
+    marker = plan["shard_kinds"][-1]
+    todo = [k for k in mine if not os.path.isfile(_shard_path(folder, k, marker))]
+    sizes = {k: min(n, (k + 1) * shard_images) - k * shard_images for k in mine}
+    bar = tqdm(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[k] for k in todo), unit="img",
+               desc=f"{desc} (rank 0 of {world})" if world > 1 else desc, disable=not utils.is_main())
+    for k in todo:
+        indices = list(range(k * shard_images, min(n, (k + 1) * shard_images)))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
+        parts = {}
+        for x, _ in loader:
+            for kind, array in encode(x).items():
+                parts.setdefault(kind, []).append(array)
+            bar.update(x.shape[0])
+        for kind in plan["shard_kinds"]:
+            tmp = _shard_path(folder, k, kind) + ".tmp.npy"
+            np.save(tmp, np.concatenate(parts[kind]))
+            os.replace(tmp, _shard_path(folder, k, kind))
+    bar.close()
+    utils.barrier()
+
+
+def finish_cache(folder, meta, fmt):
+    """Rank 0 writes meta.json (its presence marks a complete cache) and drops build.json; every
+    rank then reads the meta back."""
+    if utils.is_main():
+        utils.write_json(os.path.join(folder, "meta.json"), meta)
+        os.remove(os.path.join(folder, "build.json"))
+    utils.barrier()
+    return read_cache_meta(folder, fmt)
+
+
+def open_shards(folder, meta, expected, what):
+    """Check every shard of a complete cache when it is opened: expected {kind: (row shape, dtype)};
+    a missing, truncated or mismatched shard is named with the fix."""
+    n, per = meta["count"], meta["shard_images"]
+    for k in range((n + per - 1) // per):
+        rows = min(per, n - k * per)
+        for kind, (shape, dtype) in expected.items():
+            path = _shard_path(folder, k, kind)
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"{what} shard {path} is missing or truncated ({e}): delete it and run again with "
+                                   f"--data-path and --vae to rebuild it") from None
+            if arr.shape != (rows, *shape) or arr.dtype != np.dtype(dtype):
+                raise RuntimeError(f"{what} shard {path} holds {arr.shape} {arr.dtype}, expected {(rows, *shape)} "
+                                   f"{np.dtype(dtype)}: delete it and rebuild")
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    if len(labels) != n:
+        raise RuntimeError(f"{folder}/labels.npy has {len(labels)} labels for {n} images: rebuild the cache")
+    return labels
+
+
 def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=None, batch_size=32, num_workers=4,
                        dtype="float16", device="cpu", shard_images=1000, store_images=False):
     """Encode every image of `dataset` (ADM center crop) and its horizontal flip into `folder`.
@@ -404,48 +484,24 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
     """
     n = len(dataset)
     num_shards = (n + shard_images - 1) // shard_images
-    labels, class_names = dataset_labels(dataset)
+    _, class_names = dataset_labels(dataset)
     plan = dict(info or {}, **fingerprint, format=CACHE_FORMAT, count=n, latent_shape=list(latent_shape), dtype=dtype,
-                shard_images=shard_images, images=bool(store_images), num_classes=len(class_names), class_names=class_names)
-    if utils.is_main():
-        os.makedirs(folder, exist_ok=True)
-        build_path = os.path.join(folder, "build.json")
-        if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build
-            with open(build_path) as f:
-                check_cache_matches(json.load(f), {k: plan[k] for k in (*fingerprint, "count", "dtype", "shard_images", "images")},
-                                    folder)
-        else:
-            utils.write_json(build_path, plan)
-        np.save(os.path.join(folder, "labels.npy"), labels)
-    utils.barrier()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    mine = range(rank, num_shards, world)
-    todo = [k for k in mine if not os.path.isfile(_shard_path(folder, k))]
-    sizes = {k: min(n, (k + 1) * shard_images) - k * shard_images for k in mine}
-    bar = tqdm(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[k] for k in todo), unit="img",
-               desc=f"caching latents (rank 0 of {world})" if world > 1 else "caching latents", disable=not utils.is_main())
-    for k in todo:
-        indices = list(range(k * shard_images, min(n, (k + 1) * shard_images)))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
-        parts, pixels = [], []
-        for x, _ in loader:
-            if store_images:
-                pixels.append(to_uint8_images(x).numpy())
-            x = x.to(device)
-            mean, std = encode(torch.cat([x, torch.flip(x, dims=[3])]))  # every image, then every flip
-            mean, std = (m.float().cpu().numpy() for m in (mean, std))
-            B = x.shape[0]
-            parts.append(np.stack([np.stack([mean[:B], std[:B]], 1), np.stack([mean[B:], std[B:]], 1)], 1))
-            bar.update(B)
-        # the moments file marks a finished shard, so the images go first
-        for kind, arrays in (("images", pixels), ("moments", parts)):
-            if arrays:
-                tmp = _shard_path(folder, k, kind) + ".tmp.npy"
-                np.save(tmp, np.concatenate(arrays).astype(np.uint8 if kind == "images" else dtype))
-                os.replace(tmp, _shard_path(folder, k, kind))
-    bar.close()
-    utils.barrier()
+                shard_images=shard_images, images=bool(store_images),
+                shard_kinds=["images", "moments"] if store_images else ["moments"],  # moments last: they mark a done shard
+                num_classes=len(class_names), class_names=class_names)
+
+    def encode_pairs(x):
+        out = {"images": to_uint8_images(x).numpy()} if store_images else {}
+        x = x.to(device)
+        mean, std = encode(torch.cat([x, torch.flip(x, dims=[3])]))  # every image, then every flip
+        mean, std = (m.float().cpu().numpy() for m in (mean, std))
+        B = x.shape[0]
+        out["moments"] = np.stack([np.stack([mean[:B], std[:B]], 1), np.stack([mean[B:], std[B:]], 1)], 1).astype(dtype)
+        return out
+
+    build_shards(folder, dataset, plan, (*fingerprint, "count", "dtype", "shard_images", "images"), encode_pairs,
+                 batch_size, num_workers, shard_images, desc="caching latents")
+    meta = plan
     if utils.is_main():
         # per-channel statistics of z = mean + std * noise over all stored latents, exactly:
         # E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2]
@@ -459,10 +515,7 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
             count += m.shape[0] * m.shape[1] * m.shape[3] * m.shape[4]
         mu = s1 / count
         meta = dict(plan, channel_mean=mu.tolist(), channel_std=np.sqrt(np.maximum(s2 / count - mu ** 2, 0)).tolist())
-        utils.write_json(os.path.join(folder, "meta.json"), meta)
-        os.remove(os.path.join(folder, "build.json"))
-    utils.barrier()
-    return read_cache_meta(folder)
+    return finish_cache(folder, meta, CACHE_FORMAT)
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -482,27 +535,10 @@ class LatentDataset(torch.utils.data.Dataset):
             raise RuntimeError(f"--latents {folder} holds latents but no images (REPA's encoder needs them): build a "
                                f"new cache with --data-path, --vae and --cache-images into another --latents folder")
         self.folder, self.flip, self.seed, self.epoch, self.images = folder, flip, seed, 0, images
-        n, per = self.meta["count"], self.meta["shard_images"]
-        self.num_shards = (n + per - 1) // per
-        size = self.meta.get("image_size")
-        expected = {"moments": ((2, 2, *self.meta["latent_shape"]), np.dtype(self.meta["dtype"])),
-                    "images": ((3, size, size), np.dtype(np.uint8))}
-        for k in range(self.num_shards):
-            rows = min(per, n - k * per)
-            for kind in ("moments", "images") if images else ("moments",):
-                path = _shard_path(folder, k, kind)
-                try:
-                    arr = np.load(path, mmap_mode="r")
-                except (OSError, ValueError) as e:
-                    raise RuntimeError(f"latent cache shard {path} is missing or truncated ({e}): delete it and run "
-                                       f"again with --data-path and --vae to rebuild it") from None
-                shape, dtype = (rows, *expected[kind][0]), expected[kind][1]
-                if arr.shape != shape or arr.dtype != dtype:
-                    raise RuntimeError(f"latent cache shard {path} holds {arr.shape} {arr.dtype}, expected "
-                                       f"{shape} {dtype}: delete it and rebuild")
-        self.labels = np.load(os.path.join(folder, "labels.npy"))
-        if len(self.labels) != n:
-            raise RuntimeError(f"{folder}/labels.npy has {len(self.labels)} labels for {n} images: rebuild the cache")
+        expected = {"moments": ((2, 2, *self.meta["latent_shape"]), self.meta["dtype"])}
+        if images:
+            expected["images"] = ((3, self.meta["image_size"], self.meta["image_size"]), np.uint8)
+        self.labels = open_shards(folder, self.meta, expected, "latent cache")
         self.shards = {}
 
     def __len__(self):
@@ -536,3 +572,58 @@ def denormalize_latents(x, latent):
         return x / latent["scale"] + latent["shift"]
     mean, std = (torch.tensor(latent[k], device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for k in ("mean", "std"))
     return x * std + mean
+
+
+# ----------------------------------------------------------------------------- token cache
+
+
+def build_token_cache(folder, dataset, encode, fingerprint, grid, codebook_size, info=None, batch_size=32,
+                      num_workers=4, device="cpu", shard_images=1000):
+    """Quantise every image of `dataset` (ADM center crop) and its horizontal flip into `folder`:
+    tokens-NNNNN.npy (n, 2 [image, flip], grid, grid) int16 codebook indices, memory-mapped when
+    read; labels.npy; meta.json last, with the fingerprint (VQ weights hash, image size, crop), the
+    token grid, the codebook size and the labels' names. encode(x) -> (N, grid, grid) indices of a
+    [-1, 1] batch. Distributed, resumable and refused for another VQ model as the latent cache.
+    Call on every rank; returns the meta dict."""
+    if codebook_size > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"a codebook of {codebook_size} codes does not fit the cache's int16 tokens")
+    _, class_names = dataset_labels(dataset)
+    plan = dict(info or {}, **fingerprint, format=TOKEN_CACHE_FORMAT, count=len(dataset), token_grid=grid,
+                codebook_size=codebook_size, shard_images=shard_images, shard_kinds=["tokens"],
+                num_classes=len(class_names), class_names=class_names)
+
+    def encode_pairs(x):
+        x = x.to(device)
+        tokens = encode(torch.cat([x, torch.flip(x, dims=[3])])).cpu().numpy().astype(np.int16)  # every image, then every flip
+        B = x.shape[0]
+        return {"tokens": np.stack([tokens[:B], tokens[B:]], 1)}  # (B, 2, grid, grid)
+
+    build_shards(folder, dataset, plan, (*fingerprint, "count", "shard_images"), encode_pairs, batch_size, num_workers,
+                 shard_images, desc="caching tokens")
+    return finish_cache(folder, plan, TOKEN_CACHE_FORMAT)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """The cached tokens: item i is ((grid, grid) int64 codebook indices, label) of image i or of
+    its flip, the flip drawn from (seed, epoch, i) as LatentDataset's (flip=False: never)."""
+
+    def __init__(self, folder, flip=True, seed=0):
+        self.meta = read_cache_meta(folder, TOKEN_CACHE_FORMAT)
+        if self.meta is None:
+            partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
+                if os.path.isfile(os.path.join(folder, "build.json")) else ""
+            raise FileNotFoundError(f"--tokens {folder} holds no complete token cache{partial}")
+        grid = self.meta["token_grid"]
+        self.labels = open_shards(folder, self.meta, {"tokens": ((2, grid, grid), np.int16)}, "token cache")
+        self.folder, self.flip, self.seed, self.epoch = folder, flip, seed, 0
+        self.shards = {}
+
+    def __len__(self):
+        return self.meta["count"]
+
+    def __getitem__(self, index):
+        k, row = divmod(index, self.meta["shard_images"])
+        if k not in self.shards:  # opened lazily, once per worker process
+            self.shards[k] = np.load(_shard_path(self.folder, k, "tokens"), mmap_mode="r")
+        flipped = int(self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5)
+        return torch.from_numpy(self.shards[k][row, flipped].astype(np.int64)), int(self.labels[index])

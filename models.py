@@ -9,17 +9,20 @@ Rooms, in order:
   4. DiT / SiT: embedders, adaLN-Zero blocks, the backbone with classifier-free guidance and
      REPA's projectors
   5. DINOv2: the ViT encoder whose patch tokens are REPA's alignment targets
-  6. checkpoint formats: LDM/taming .ckpt, diffusers folders and state dicts, our own format,
+  6. MaskGIT transformer: the bidirectional token transformer, its masking schedules and its
+     confidence-based decoding loop
+  7. checkpoint formats: LDM/taming .ckpt, diffusers folders and state dicts, our own format,
      weights by name, diffusers export; generator checkpoints (ours and the released DiT/SiT/REPA);
-     DINOv2 weights
-  7. registries: AE_configs, PRETRAINED_AUTOENCODERS, DiT_models, SiT_models, PRETRAINED_GENERATORS,
-     DINOv2_models
+     DINOv2 weights; MaskGIT checkpoints (ours and MaskGIT-pytorch's)
+  8. registries: AE_configs, PRETRAINED_AUTOENCODERS, DiT_models, SiT_models, PRETRAINED_GENERATORS,
+     DINOv2_models, MaskGIT_models, PRETRAINED_MASKGIT
 
 Parameter names follow the LDM / taming checkpoint layout (`encoder.down.0.block.0.norm1.weight`,
 `encoder.mid.attn_1.q.weight`, `quant_conv.weight`, `quantize.embedding.weight`), so the official
 LDM, taming and EQ-VAE `.ckpt` files load without conversion; diffusers names are converted. The
 generators use the official DiT names (`x_embedder.proj.weight`, `blocks.0.adaLN_modulation.1.weight`),
-REPA's for the projectors (`projectors.0.0.weight`), and DINOv2 those of its released weights.
+REPA's for the projectors (`projectors.0.0.weight`), and DINOv2 those of its released weights;
+MaskGIT-pytorch's names (`transformer.layers.0.0.fn.mha.in_proj_weight`) are converted.
 """
 import json
 import math
@@ -924,7 +927,182 @@ def encoder_targets(encoder, images, grid):
     return encoder.forward_features(x)["x_norm_patchtokens"]
 
 
-# ============================================================================= 6. checkpoint formats
+# ============================================================================= 6. MaskGIT transformer
+# Chang et al. 2022 as reproduced by MaskGIT-pytorch v1.0 (Besnier and Chen 2023): a bidirectional
+# transformer over the VQ tokens and one class token, output logits tied to the token embedding. The
+# extra MLPs around the blocks, the sizes and the initialisation follow v1.0, so its released weights
+# load through `maskgit_pytorch_to_ours`; attention is SDPA instead of nn.MultiheadAttention.
+
+
+class MaskGITBlock(nn.Module):
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); dropout on the attention
+    probabilities, after the GELU and after the MLP, where v1.0 has it (exact GELU, as v1.0)."""
+
+    def __init__(self, dim, num_heads, mlp_dim, dropout):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)  # v1.0's in_proj_weight: q, k, v stacked, heads contiguous
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        p = self.dropout if self.training else 0.0
+        q, k, v = self.qkv(self.norm1(x)).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (N, heads, T, D/heads)
+        h = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(N, T, D)
+        x = x + self.proj(h)
+        h = F.dropout(F.gelu(self.fc1(self.norm2(x))), p, self.training)
+        return x + F.dropout(self.fc2(h), p, self.training)
+
+
+class MaskGIT(nn.Module):
+    """forward(z, y): z (N, h, w) token indices in [0, codebook_size], where codebook_size is the
+    mask token; y (N,) labels in [0, num_classes], where num_classes is the null class of guidance
+    -> (N, h * w, codebook_size) logits over the codebook.
+
+    One embedding table holds the codes, the mask token, the classes and the null class (v1.0's
+    layout), and the output logits are x @ (its code rows)^T + a per-position bias.
+    """
+
+    def __init__(self, input_size=16, codebook_size=1024, num_classes=1000, hidden_size=768, depth=24, num_heads=16,
+                 mlp_dim=3072, dropout=0.1):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not a multiple of the {num_heads} heads")
+        self.config = dict(input_size=input_size, codebook_size=codebook_size, num_classes=num_classes,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, dropout=dropout)
+        self.input_size, self.codebook_size, self.num_classes = input_size, codebook_size, num_classes
+        self.num_tokens = input_size * input_size
+        self.mask_token = codebook_size
+        self.dropout = dropout
+        self.tok_emb = nn.Embedding(codebook_size + 1 + num_classes + 1, hidden_size)
+        self.pos_emb = nn.Parameter(torch.zeros(1, self.num_tokens + 1, hidden_size))  # the class token is last
+        self.in_norm1 = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.in_fc1 = nn.Linear(hidden_size, hidden_size)
+        self.in_norm2 = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.in_fc2 = nn.Linear(hidden_size, hidden_size)
+        self.blocks = nn.ModuleList([MaskGITBlock(hidden_size, num_heads, mlp_dim, dropout) for _ in range(depth)])
+        self.out_norm1 = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.out_fc = nn.Linear(hidden_size, hidden_size)
+        self.out_norm2 = nn.LayerNorm(hidden_size, eps=1e-12)
+        # v1.0's bias covers every position and every row of the table, (T + 1, codebook + 1 +
+        # classes + 1); only this (T, codebook) corner reaches a logit, so only it is kept
+        self.bias = nn.Parameter(torch.zeros(self.num_tokens, codebook_size))
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """v1.0's initialisation: PyTorch's defaults (N(0, 1) embedding, Kaiming-uniform linears),
+        nn.MultiheadAttention's xavier-uniform in-projection with zero biases, positions N(0, 0.02)."""
+        nn.init.trunc_normal_(self.pos_emb, std=0.02)
+        for block in self.blocks:
+            nn.init.xavier_uniform_(block.qkv.weight)
+            nn.init.zeros_(block.qkv.bias)
+            nn.init.zeros_(block.proj.bias)
+
+    def forward(self, z, y):
+        N = z.shape[0]
+        tokens = torch.cat([z.reshape(N, -1), (y + self.codebook_size + 1)[:, None]], 1)  # (N, T + 1)
+        x = self.tok_emb(tokens) + self.pos_emb  # (N, T + 1, D)
+        p, train = self.dropout, self.training
+        x = F.gelu(self.in_fc1(F.dropout(self.in_norm1(x), p, train)))
+        x = self.in_fc2(F.dropout(self.in_norm2(x), p, train))
+        for block in self.blocks:
+            x = block(x)
+        x = self.out_norm2(F.gelu(self.out_fc(F.dropout(self.out_norm1(x), p, train))))
+        return x[:, :-1] @ self.tok_emb.weight[: self.codebook_size].t() + self.bias  # (N, T, codebook_size)
+
+
+# Masking schedules. Training masks each token of a sample with probability mask_ratio(r, mode),
+# r ~ U(0, 1) per sample; decoding unmasks unmask_schedule(...)[i] tokens at step i. Both are v1.0's
+# formulas (its `get_mask_code` and `adap_sche`), whose training and decoding forms differ.
+MASK_SCHEDULES = ("arccos", "cosine", "linear", "square")
+DECODE_SCHEDULES = MASK_SCHEDULES + ("root",)
+
+
+def mask_ratio(r, mode="arccos"):
+    """Fraction of tokens to mask for r in [0, 1]: arccos (v1.0's default) 2 arccos(r) / pi, cosine
+    cos(pi r / 2), linear r, square r^2."""
+    if mode == "arccos":
+        return torch.arccos(r) / (math.pi / 2)
+    if mode == "cosine":
+        return torch.cos(r * math.pi / 2)
+    if mode == "linear":
+        return r
+    if mode == "square":
+        return r**2
+    raise ValueError(f"unknown mask schedule {mode!r}: choose from {', '.join(MASK_SCHEDULES)}")
+
+
+def unmask_schedule(num_tokens, num_steps, mode="arccos"):
+    """Tokens unmasked at each decoding step (v1.0's rule): weights v(r) on r = linspace(1, 0,
+    num_steps), scaled to sum to num_tokens and rounded, each step at least 1, the last step taking
+    the remainder. v: arccos 2 arccos(r) / pi, cosine cos(pi r / 2), linear 1 - r, square 1 - r^2,
+    root 1 - sqrt(r). Raises ValueError when the rule cannot give every step a token."""
+    if num_steps == 1:  # v1.0's weights are all 0 there (0 / 0): one step decodes every token
+        return [num_tokens]
+    r = torch.linspace(1, 0, num_steps)
+    weights = {"arccos": lambda: torch.arccos(r) / (math.pi / 2), "cosine": lambda: torch.cos(r * math.pi / 2),
+               "linear": lambda: 1 - r, "square": lambda: 1 - r**2, "root": lambda: 1 - r.sqrt()}
+    if mode not in weights:
+        raise ValueError(f"unknown decoding schedule {mode!r}: choose from {', '.join(DECODE_SCHEDULES)}")
+    v = weights[mode]()
+    counts = (v / v.sum() * num_tokens).round().clamp(min=1)
+    counts[-1] += num_tokens - counts.sum()
+    if num_steps > num_tokens or counts[-1] < 1:
+        raise ValueError(f"{num_steps} steps cannot each unmask a token of {num_tokens} with the {mode} schedule: "
+                         f"use fewer steps")
+    return [int(c) for c in counts]
+
+
+def _uniform(generators, shape, device):
+    """(N, *shape) float64 uniforms in [0, 1), row i from generator i alone."""
+    return torch.stack([torch.rand(shape, generator=g, dtype=torch.float64) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def maskgit_generate(model, y, generators, num_steps=8, sched_mode="arccos", r_temp=4.5, sm_temp=1.0, cfg_scale=4.0):
+    """MaskGIT's confidence-based decoding, as MaskGIT-pytorch v1.0 (its `sample`, randomize="linear").
+
+    Starts from all-mask tokens; at step i (of n) every masked token is sampled from
+    softmax(sm_temp * logits) (v1.0 multiplies: sm_temp > 1 sharpens), its confidence is
+    log p(token) + r_temp (1 - i / (n - 1)) g with Gumbel noise g, and the unmask_schedule(...)[i]
+    most confident masked tokens are fixed for good. Guidance: logits = (1 + w) cond - w uncond with
+    w = (cfg_scale - 1) i / (n - 1): v1.0's linear ramp from 0 of its weight w, written with the
+    scale of DiT (uncond + cfg_scale (cond - uncond), so v1.0's w = 3 is cfg_scale 4, and 1 disables).
+    generators: one torch.Generator per sample; sample i's draws come from generator i alone, so a
+    sample does not depend on its batch. Returns (N, h, w) token indices.
+    """
+    N, T, device = y.shape[0], model.num_tokens, y.device
+    z = torch.full((N, T), model.mask_token, dtype=torch.long, device=device)
+    masked = torch.ones(N, T, dtype=torch.bool, device=device)
+    counts = unmask_schedule(T, num_steps, sched_mode)
+    null = torch.full_like(y, model.num_classes)
+    for i, k in enumerate(counts):
+        ramp = i / (num_steps - 1) if num_steps > 1 else 1.0
+        w = (cfg_scale - 1) * ramp
+        if w != 0:  # one batch: conditional half, then the null class
+            cond, uncond = model(torch.cat([z, z]), torch.cat([y, null])).float().chunk(2)
+            logits = (1 + w) * cond - w * uncond
+        else:
+            logits = model(z, y).float()
+        probs = torch.softmax(logits * sm_temp, -1).double()  # (N, T, K)
+        # categorical draw by inverting the CDF with one uniform per token
+        cdf = probs.cumsum(-1)
+        u = _uniform(generators, (T, 1), device) * cdf[..., -1:]
+        pred = torch.searchsorted(cdf, u, right=True).clamp(max=model.codebook_size - 1).squeeze(-1)  # (N, T)
+        gumbel = -torch.log(-torch.log(_uniform(generators, (T,), device)))
+        conf = torch.log(probs.gather(-1, pred[..., None]).squeeze(-1)) + r_temp * (1 - ramp) * gumbel
+        conf = conf.masked_fill(~masked, -math.inf)  # fixed tokens are never chosen again
+        chosen = torch.zeros_like(masked).scatter_(1, conf.topk(k, dim=1).indices, True)
+        z = torch.where(chosen, pred, z)
+        masked &= ~chosen
+    return z.view(N, model.input_size, model.input_size)
+
+
+# ============================================================================= 7. checkpoint formats
 
 FORMAT_TAG = "eqvae-autoencoder"
 
@@ -1286,8 +1464,11 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
     a train_dit.py checkpoint (architecture, objective and latent normalisation are stored in it;
     its EMA weights unless use_ema=False), or an official DiT/SiT/REPA `.pt` (bare state dict or
     {"model", "ema", ...}), which needs `model_name` and gets the official recipe (REPA's when the
-    weights hold projectors)."""
+    weights hold projectors). MaskGIT names, `model_name`s and checkpoints go to load_maskgit (its
+    recipe has `tokens` instead of `latent`)."""
     spec = str(spec)
+    if spec in PRETRAINED_MASKGIT or model_name in MaskGIT_models:
+        return load_maskgit(spec, model_name, trust_checkpoint, use_ema)
     if spec in PRETRAINED_GENERATORS:
         entry = PRETRAINED_GENERATORS[spec]
         path = utils.download(entry["url"], os.path.join("generators", entry["filename"]))
@@ -1297,6 +1478,8 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
         model = build_generator(model_name, input_size=entry["image_size"] // 8, num_classes=1000, **entry.get("repa", {}))
     elif os.path.isfile(spec):
         obj = utils.load_checkpoint(spec, trust_checkpoint)
+        if isinstance(obj, dict) and "maskgit" in obj:  # a train_maskgit.py checkpoint
+            return maskgit_from_checkpoint(obj, spec, model_name, use_ema)
         if isinstance(obj, dict) and "generator" in obj:  # ours: rebuild without being told
             recipe = obj["generator"]
             if model_name and model_name != recipe["model"]:
@@ -1306,7 +1489,8 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
         else:
             sd = obj.get("ema", obj) if isinstance(obj, dict) else obj
             if not isinstance(sd, dict) or "pos_embed" not in sd:
-                raise ValueError(f"{spec} is neither a train_dit.py checkpoint nor an official DiT/SiT/REPA state dict")
+                raise ValueError(f"{spec} is neither a train_dit.py checkpoint nor an official DiT/SiT/REPA state dict "
+                                 f"(a MaskGIT-pytorch .pth file needs --model MaskGIT-B)")
             if model_name is None:
                 raise ValueError(f"{spec} is an official DiT/SiT/REPA state dict without an architecture: pass --model "
                                  f"(e.g. DiT-XL/2 or SiT-XL/2)")
@@ -1345,6 +1529,97 @@ def load_dinov2(spec, trust_checkpoint=False):
     return model.eval().requires_grad_(False)
 
 
+# --- MaskGIT checkpoints (ours and MaskGIT-pytorch v1.0's) ------------------------------------------
+
+# v1.0's module paths -> ours; `{i}` is the block index
+_MASKGIT_PYTORCH_NAMES = {
+    "first_layer.0": "in_norm1", "first_layer.2": "in_fc1", "first_layer.4": "in_norm2", "first_layer.6": "in_fc2",
+    "last_layer.0": "out_norm1", "last_layer.2": "out_fc", "last_layer.4": "out_norm2",
+    "transformer.layers.{i}.0.norm": "blocks.{i}.norm1", "transformer.layers.{i}.0.fn.mha.out_proj": "blocks.{i}.proj",
+    "transformer.layers.{i}.1.norm": "blocks.{i}.norm2", "transformer.layers.{i}.1.fn.net.0": "blocks.{i}.fc1",
+    "transformer.layers.{i}.1.fn.net.3": "blocks.{i}.fc2",
+}
+
+
+def maskgit_pytorch_to_ours(sd, num_classes=1000):
+    """A MaskGIT-pytorch v1.0 `MaskTransformer` state dict -> (our MaskGIT state dict, the token
+    grid side, codebook size and class count as MaskGIT constructor arguments).
+
+    Names are mapped one to one (nn.MultiheadAttention's in_proj_weight/bias become qkv); the
+    output bias keeps the (T, codebook) corner that reaches a logit. The codebook size is read from
+    the embedding table given `num_classes` (the released models: ImageNet's 1000); v1.0 does not
+    store the head count, so the width, depth and heads come from a MaskGIT_models entry."""
+    ours = {}
+    for key, value in sd.items():
+        target = {"tok_emb.weight": "tok_emb.weight", "pos_emb": "pos_emb", "bias": "bias"}.get(key)
+        if target is None:
+            match = re.fullmatch(r"transformer\.layers\.(\d+)\.0\.fn\.mha\.in_proj_(weight|bias)", key)
+            if match:
+                target = f"blocks.{match[1]}.qkv.{match[2]}"
+        if target is None:
+            module, _, leaf = key.rpartition(".")
+            block = re.match(r"transformer\.layers\.(\d+)\.", module)
+            pattern = module.replace(f"layers.{block[1]}.", "layers.{i}.") if block else module
+            if pattern in _MASKGIT_PYTORCH_NAMES:
+                target = _MASKGIT_PYTORCH_NAMES[pattern].replace("{i}", block[1] if block else "") + "." + leaf
+        if target is None:
+            raise KeyError(f"{key} is not a MaskGIT-pytorch v1.0 transformer parameter")
+        ours[target] = value
+    for needed in ("tok_emb.weight", "pos_emb", "bias", "blocks.0.fc1.weight"):
+        if needed not in ours:
+            raise KeyError(f"not a MaskGIT-pytorch v1.0 transformer state dict: no parameter for {needed}")
+    num_tokens = ours["pos_emb"].shape[1] - 1
+    codebook = ours["tok_emb.weight"].shape[0] - num_classes - 2
+    if math.isqrt(num_tokens) ** 2 != num_tokens or codebook <= 0:
+        raise ValueError(f"pos_emb {tuple(ours['pos_emb'].shape)} and tok_emb {tuple(ours['tok_emb.weight'].shape)} "
+                         f"fit no square token grid with {num_classes} classes")
+    ours["bias"] = ours["bias"][:num_tokens, :codebook]
+    return ours, dict(input_size=math.isqrt(num_tokens), codebook_size=codebook, num_classes=num_classes)
+
+
+def maskgit_recipe(name, config, image_size, vae, vae_hash=None, class_names=None):
+    """What sample.py needs besides the weights: the architecture and the VQ model whose tokens it models."""
+    return dict(model=name, config=config, image_size=image_size, class_names=class_names,
+                tokens=dict(vae=vae, vae_hash=vae_hash, codebook_size=config["codebook_size"]))
+
+
+def load_maskgit(spec, model_name=None, trust_checkpoint=False, use_ema=True):
+    """-> (MaskGIT, recipe). spec: a PRETRAINED_MASKGIT name (downloaded once into the cache), a
+    train_maskgit.py checkpoint (its EMA weights unless use_ema=False, or none was kept), or a
+    MaskGIT-pytorch v1.0 `.pth` ({"model_state_dict", ...} or a bare state dict), which needs
+    `model_name` and decodes with taming's f16 VQGAN (the one v1.0 trained on)."""
+    spec = str(spec)
+    if spec in PRETRAINED_MASKGIT:
+        entry = PRETRAINED_MASKGIT[spec]
+        path, model_name = utils.download(entry["url"], os.path.join("generators", entry["filename"])), entry["model"]
+    elif os.path.isfile(spec):
+        path = spec
+    else:
+        raise FileNotFoundError(f"MaskGIT {spec!r} is neither a file nor a known name ({', '.join(PRETRAINED_MASKGIT)})")
+    return maskgit_from_checkpoint(utils.load_checkpoint(path, trust_checkpoint), spec, model_name, use_ema)
+
+
+def maskgit_from_checkpoint(obj, spec, model_name=None, use_ema=True):
+    """load_maskgit's second half, for a checkpoint already read from `spec`."""
+    if isinstance(obj, dict) and "maskgit" in obj:  # ours: rebuild without being told
+        recipe = obj["maskgit"]
+        if model_name and model_name != recipe["model"]:
+            raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: drop --model")
+        sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
+        model = MaskGIT(**recipe["config"])
+    else:
+        sd = obj.get("model_state_dict", obj) if isinstance(obj, dict) else obj
+        if not isinstance(sd, dict) or "tok_emb.weight" not in sd:
+            raise ValueError(f"{spec} is neither a train_maskgit.py checkpoint nor a MaskGIT-pytorch state dict")
+        if model_name is None:
+            raise ValueError(f"{spec} is a MaskGIT-pytorch state dict without an architecture name: pass --model (e.g. MaskGIT-B)")
+        sd, grid = maskgit_pytorch_to_ours(sd)
+        model = MaskGIT_models[model_name](**grid)
+        recipe = maskgit_recipe(model_name, model.config, grid["input_size"] * 16, "vq-f16-1024")
+    _load_strict(model, sd, spec)
+    return model, recipe
+
+
 def fetch_pretrained(name):
     """Download a named autoencoder into the cache dir once; returns a local file or folder."""
     entry = PRETRAINED_AUTOENCODERS[name]
@@ -1372,7 +1647,7 @@ def fetch_pretrained(name):
     return utils.download(entry["url"], os.path.join(name, entry["filename"]))
 
 
-# ============================================================================= 7. registries
+# ============================================================================= 8. registries
 
 # Architectures (LDM configs). `tiny`/`tiny-vq` are for CPU tests and the demo.
 AE_configs = {
@@ -1458,3 +1733,30 @@ def dinov2_url(name):
     """The released weights of a DINOv2_models entry (dl.fbaipublicfiles.com/dinov2/...)."""
     base = name.removesuffix("_reg")
     return f"https://dl.fbaipublicfiles.com/dinov2/{base}/{base}{'_reg4' if name.endswith('_reg') else ''}_pretrain.pth"
+
+
+# MaskGIT sizes (hidden size, depth, heads, MLP width). B is MaskGIT-pytorch v1.0's "base", the paper's
+# Table 3 model (174.16M parameters in v1.0's count, 0.26M fewer here: see MaskGIT.bias); L and H
+# are its "big" and "huge"; S and T are ours, for small runs and CPU tests.
+MASKGIT_SIZES = {"T": (128, 4, 4, 512), "S": (384, 12, 6, 1536), "B": (768, 24, 16, 3072), "L": (1024, 32, 16, 3072),
+                 "H": (1024, 48, 16, 3072)}
+
+
+def _maskgit_constructor(size):
+    hidden, depth, heads, mlp = MASKGIT_SIZES[size]
+
+    def constructor(**kwargs):  # MaskGIT_models["MaskGIT-B"](input_size=16, codebook_size=1024, num_classes=1000)
+        return MaskGIT(hidden_size=hidden, depth=depth, num_heads=heads, mlp_dim=mlp, **kwargs)
+    return constructor
+
+
+MaskGIT_models = {f"MaskGIT-{s}": _maskgit_constructor(s) for s in MASKGIT_SIZES}
+
+# MaskGIT-pytorch v1.0's released ImageNet models (taming's f16 VQGAN, 1024 codes): 256 px (the
+# paper's Table 3 baseline, 6.80 FID) and its 512 px fine-tune
+PRETRAINED_MASKGIT = {
+    f"MaskGIT-B-{px}": dict(model="MaskGIT-B", image_size=px, filename=f"MaskGIT_ImageNet_{px}.pth",
+                            url=f"https://huggingface.co/llvictorll/Maskgit-pytorch/resolve/main/pretrained_maskgit/MaskGIT/"
+                                f"MaskGIT_ImageNet_{px}.pth")
+    for px in (256, 512)
+}

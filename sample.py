@@ -1,4 +1,4 @@
-"""Sampling from a trained DiT/SiT (ours or a released one) to a PNG grid or an ADM `.npz`.
+"""Sampling from a trained DiT/SiT or MaskGIT (ours or a released one) to a PNG grid or an ADM `.npz`.
 
 Sample i's label and noise depend only on --global-seed and i, so the same N images come out on
 any number of processes. Finished chunks are kept in --sample-dir, so an interrupted run resumes;
@@ -10,6 +10,7 @@ the end result is DIR/samples.npz (arr_0: uint8 NHWC images, arr_1: labels), whi
   one GPU:    python sample.py --ckpt DiT-XL/2-256 --cfg-scale 1.5 --cfg-channels 3 --sample-dir samples/dit-xl
   8 GPUs:     torchrun --nproc_per_node=8 sample.py --ckpt results/003-SiT-XL-2-transport/checkpoints/latest.pt \\
                   --sampler sde --num-steps 250 --num-samples 50000 --sample-dir samples/sit-xl
+  MaskGIT:    python sample.py --ckpt MaskGIT-B-256 --trust-checkpoint --sample-dir samples/maskgit-b
 """
 import argparse
 import json
@@ -36,14 +37,18 @@ def labels_for(indices, args, num_classes, noise):
 
 @torch.no_grad()
 def sample_batch(model, objective, ae, recipe, indices, y, args, device, autocast):
-    """uint8 (N, H, W, 3) images for these sample indices and labels."""
+    """uint8 (N, H, W, 3) images for these sample indices and labels (objective None: MaskGIT)."""
     noise = diffusion.SampleNoise(args.global_seed, indices, device)
     if y is None:
         y = labels_for(indices, args, model.num_classes, noise)
     with torch.autocast(**autocast):
-        z = diffusion.generate(model, objective, noise, y, args.sampler, args.num_steps, args.cfg_scale, args.cfg_channels,
-                               args.guidance_low, args.guidance_high)
-    images = ae.decode(data.denormalize_latents(z.float(), recipe["latent"]))
+        if objective is None:  # MaskGIT: sample i's draws come from its own generator, after its label
+            z = models.maskgit_generate(model, y, noise.generators, args.num_steps, args.sched_mode, args.r_temp,
+                                        args.sm_temp, args.cfg_scale)
+        else:
+            z = diffusion.generate(model, objective, noise, y, args.sampler, args.num_steps, args.cfg_scale,
+                                   args.cfg_channels, args.guidance_low, args.guidance_high)
+    images = ae.decode_indices(z) if objective is None else ae.decode(data.denormalize_latents(z.float(), recipe["latent"]))
     return models.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy(), y.cpu().numpy()
 
 
@@ -92,31 +97,56 @@ def main(args):
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         utils.fail(f"--ckpt {args.ckpt}: {str(e).strip(chr(34) + chr(39))}")
     model.to(device).eval()
-    objective = diffusion.make_objective(recipe["objective"], model)
-    args.sampler = args.sampler or diffusion.default_sampler(recipe["objective"])
-    if (recipe["objective"]["kind"] == "diffusion") != (args.sampler in ("ddpm", "ddim")):
-        utils.fail(f"--sampler {args.sampler} does not fit this {recipe['objective']['kind']} model "
-                   f"(diffusion: ddpm, ddim; transport: euler, heun, sde)")
+    maskgit = isinstance(model, models.MaskGIT)
+    # flags of the other family would do nothing: refused, not ignored
+    foreign = sorted(set(args.cli_flags) & set(DIT_ONLY if maskgit else MASKGIT_ONLY))
+    if foreign:
+        names = ", ".join("--" + f.replace("_", "-") for f in foreign)
+        utils.fail(f"{names} {'is' if len(foreign) == 1 else 'are'} for {'DiT/SiT' if maskgit else 'MaskGIT'} models, "
+                   f"not this {recipe['model']}: remove {'it' if len(foreign) == 1 else 'them'}")
+    args.num_steps = args.num_steps or (8 if maskgit else 250)  # MaskGIT: 8 steps; DiT and SiT: 250
+    if args.cfg_scale is None:  # MaskGIT-pytorch's FID setting w = 3; the paper's DiT/SiT tables: no guidance
+        args.cfg_scale = 4.0 if maskgit else 1.0
+    if maskgit:
+        objective = None
+        try:
+            models.unmask_schedule(model.num_tokens, args.num_steps, args.sched_mode)
+        except ValueError as e:
+            utils.fail(f"--num-steps {args.num_steps}: {e}")
+    else:
+        objective = diffusion.make_objective(recipe["objective"], model)
+        args.sampler = args.sampler or diffusion.default_sampler(recipe["objective"])
+        if (recipe["objective"]["kind"] == "diffusion") != (args.sampler in ("ddpm", "ddim")):
+            utils.fail(f"--sampler {args.sampler} does not fit this {recipe['objective']['kind']} model "
+                       f"(diffusion: ddpm, ddim; transport: euler, heun, sde)")
     if args.class_labels and any(not 0 <= c < model.num_classes for c in args.class_labels):
         utils.fail(f"--class-labels must lie in [0, {model.num_classes - 1}]")
-    vae = args.vae or recipe["latent"]["vae"]
+    coder = recipe["tokens"] if maskgit else recipe["latent"]  # the autoencoder the model was trained on
+    vae = args.vae or coder["vae"]
     try:
         ae = models.load_autoencoder(vae, args.trust_checkpoint).to(device).eval()
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         utils.fail(f"autoencoder {vae} ({'--vae' if args.vae else 'recorded with the model; override with --vae'}): "
                    f"{str(e).strip(chr(34) + chr(39))}")
-    if recipe["latent"].get("vae_hash") and args.vae is None and data.weights_hash(ae) != recipe["latent"]["vae_hash"]:
+    if coder.get("vae_hash") and args.vae is None and data.weights_hash(ae) != coder["vae_hash"]:
         utils.fail(f"the autoencoder at {vae} is not the one the model was trained with (weights hash differs): pass --vae")
     if rank == 0:
         os.makedirs(args.sample_dir, exist_ok=True)
     utils.barrier()
-    settings = dict(ckpt=args.ckpt, ema=args.ema, vae=vae, sampler=args.sampler, num_steps=args.num_steps,
-                    cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels, guidance_low=args.guidance_low,
-                    guidance_high=args.guidance_high, global_seed=args.global_seed, precision=args.precision)
-    utils.print0(f"{recipe['model']} ({recipe['objective']['kind']}) from {args.ckpt}, {args.sampler} {args.num_steps} "
-                 f"steps, cfg {args.cfg_scale}" + (f" on {args.cfg_channels} channels" if args.cfg_channels else "")
-                 + (f", guidance interval [{args.guidance_low}, {args.guidance_high}]" if args.cfg_scale != 1 else "")
-                 + f"; decoding with {vae}; {world_size} process(es)")
+    settings = dict(ckpt=args.ckpt, ema=args.ema, vae=vae, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                    global_seed=args.global_seed, precision=args.precision)
+    if maskgit:
+        settings.update(sched_mode=args.sched_mode, r_temp=args.r_temp, sm_temp=args.sm_temp)
+        utils.print0(f"{recipe['model']} from {args.ckpt}, {args.num_steps} {args.sched_mode} steps, cfg {args.cfg_scale} "
+                     f"(ramped from 1), Gumbel temperature {args.r_temp}, softmax factor {args.sm_temp}; decoding with "
+                     f"{vae}; {world_size} process(es)")
+    else:
+        settings.update(sampler=args.sampler, cfg_channels=args.cfg_channels, guidance_low=args.guidance_low,
+                        guidance_high=args.guidance_high)
+        utils.print0(f"{recipe['model']} ({recipe['objective']['kind']}) from {args.ckpt}, {args.sampler} {args.num_steps} "
+                     f"steps, cfg {args.cfg_scale}" + (f" on {args.cfg_channels} channels" if args.cfg_channels else "")
+                     + (f", guidance interval [{args.guidance_low}, {args.guidance_high}]" if args.cfg_scale != 1 else "")
+                     + f"; decoding with {vae}; {world_size} process(es)")
 
     # a grid of chosen classes (DiT's sample.py), one column per label
     if args.class_labels:
@@ -183,6 +213,9 @@ def main(args):
 
 # ----------------------------------------------------------------------------- flags
 
+# flags of one family of models; given for the other they are refused
+DIT_ONLY = ("sampler", "cfg_channels", "guidance_low", "guidance_high")
+MASKGIT_ONLY = ("sched_mode", "r_temp", "sm_temp")
 PRESETS = {
     "tiny": dict(num_samples=8, per_proc_batch_size=4, num_steps=4, sample_dir="results/samples-tiny"),
 }
@@ -197,10 +230,11 @@ SAMPLER_PRESETS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the model
-    p.add_argument("--ckpt", required=True, help="a train_dit.py checkpoint, a released name (" + ", ".join(models.PRETRAINED_GENERATORS)
-                   + "), or an official DiT/SiT/REPA .pt (with --model)")
-    p.add_argument("--model", choices=list(models.DiT_models) + list(models.SiT_models), default=None,
-                   help="architecture of an official .pt file (ours and the released names carry it)")
+    p.add_argument("--ckpt", required=True, help="a train_dit.py or train_maskgit.py checkpoint, a released name ("
+                   + ", ".join([*models.PRETRAINED_GENERATORS, *models.PRETRAINED_MASKGIT])
+                   + "), or an official DiT/SiT/REPA .pt or MaskGIT-pytorch .pth (with --model)")
+    p.add_argument("--model", choices=list(models.DiT_models) + list(models.SiT_models) + list(models.MaskGIT_models),
+                   default=None, help="architecture of an official .pt/.pth file (ours and the released names carry it)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="our checkpoints: EMA weights (default) or raw")
     p.add_argument("--vae", default=None, help="decoder (default: the autoencoder recorded with the model)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of checkpoints you trust")
@@ -208,12 +242,20 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
                    help="ddpm (DiT's), ddim: diffusion models; euler, heun (ODE), sde (Euler-Maruyama, SiT's FID setting): "
                         "transport models (default: ddpm or sde)")
-    p.add_argument("--num-steps", type=int, default=250, help="sampling steps (DiT and SiT: 250)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 disables (the paper's tables: 1)")
+    p.add_argument("--num-steps", type=int, default=None, help="sampling steps (DiT and SiT: 250; MaskGIT: 8)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale; 1 disables (default: 1, the paper's DiT/SiT tables; MaskGIT: 4, "
+                        "MaskGIT-pytorch's w = 3 written as a scale, w = s - 1, ramped linearly from 1 over the steps)")
     p.add_argument("--cfg-channels", type=int, default=None,
                    help="guide only the first N latent channels; 3 reproduces the official DiT/SiT numbers (default: all)")
     p.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start, t in [0, 1] with 1 = noise")
     p.add_argument("--guidance-high", type=float, default=1.0, help="guidance interval end (REPA's FID setting: 0.7)")
+    # MaskGIT's decoding (MaskGIT-pytorch v1.0's FID setting)
+    p.add_argument("--sched-mode", choices=models.DECODE_SCHEDULES, default="arccos", help="MaskGIT: tokens unmasked per step (arccos)")
+    p.add_argument("--r-temp", type=float, default=4.5, help="MaskGIT: Gumbel temperature on the confidences, annealed "
+                   "linearly to 0 (4.5)")
+    p.add_argument("--sm-temp", type=float, default=1.0, help="MaskGIT: factor on the logits before the softmax, as "
+                   "MaskGIT-pytorch (> 1 sharpens; its FID setting: 1)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network precision (the official numbers: fp32)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU (DiT's default)")
     # what to produce
@@ -233,8 +275,12 @@ def parse_args(argv=None):
         p.set_defaults(**{**PRESETS, **SAMPLER_PRESETS}[args.preset])
         args = p.parse_args(argv)  # flags given on the command line still win over the preset
     for flag in ("num_samples", "per_proc_batch_size", "num_steps", "grid_rows"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")
+    for flag in ("r_temp", "sm_temp", "cfg_scale"):
+        if getattr(args, flag) is not None and not 0 <= getattr(args, flag) < float("inf"):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number, 0 or more")
+    args.cli_flags = sorted(utils.explicit_flags(p, argv))
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
         p.error("the guidance interval needs 0 <= --guidance-low <= --guidance-high <= 1")
     return args

@@ -120,16 +120,10 @@ def latent_recipe(args, meta):
     return latent
 
 
-def grid_labels(num_classes, columns=10):
-    """Up to `columns` classes spread evenly over the label range, one column each."""
-    cols = min(columns, num_classes)
-    return [round(i * num_classes / cols) for i in range(cols)]
-
-
 @torch.no_grad()
 def save_sample_grid(model, recipe, objective, ae, path, args, device):
     """A fixed-noise, fixed-label grid from the EMA model: one column per class, --grid-rows rows."""
-    classes = grid_labels(model.num_classes)
+    classes = utils.grid_labels(model.num_classes)
     y = torch.tensor([c for _ in range(args.grid_rows) for c in classes], device=device)
     noise = diffusion.SampleNoise(args.global_seed, range(len(y)), device)
     z = diffusion.generate(model, objective, noise, y, args.sampler, args.num_steps, args.cfg_scale)
@@ -149,21 +143,8 @@ def main(args):
     precision, autocast = utils.precision_setup(args.precision, device)
 
     # resume: the architecture, objective and data come from the checkpoint's arguments
-    resume_path = utils.resolve_resume(args.resume) if args.resume else None
-    resume_ckpt = None
+    resume_path, resume_ckpt = utils.resume_args(args, FIXED_ON_RESUME) if args.resume else (None, None)
     if resume_path:
-        try:
-            resume_ckpt = utils.load_checkpoint(resume_path, args.trust_checkpoint)
-        except (OSError, RuntimeError) as e:
-            utils.fail(f"--resume {resume_path}: {e}")
-        saved = resume_ckpt["args"]
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in FIXED_ON_RESUME
-                   if k in args.cli_flags and getattr(args, k) != saved[k]]
-        if changed:
-            utils.fail(f"--resume {resume_path} keeps its model, objective and data: remove {', '.join(changed)}")
-        for key, value in saved.items():  # flags not given now continue as the run was started
-            if key not in args.cli_flags and key not in ("resume", "run_dir", "preset", "cli_flags", "init_from", "vae"):
-                setattr(args, key, value)
         args.data_path = None  # the cache exists: never rebuilt on resume
 
     # REPA's encoders (downloads fail here, before the cache is built), the latents (built on first
@@ -247,17 +228,7 @@ def main(args):
     step = 0
     utils.seed_everything(args.global_seed * world_size + rank)  # per-rank noise, t and label dropout
     if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        ema.load_state_dict(resume_ckpt["ema"])
-        opt.load_state_dict(resume_ckpt["opt"])
-        if scaler.is_enabled() and resume_ckpt.get("scaler"):
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        step = resume_ckpt["step"]
-        if len(resume_ckpt["rng"]) == world_size:
-            utils.set_rng_state(resume_ckpt["rng"][rank])
-        else:
-            logger.info(f"resuming with {world_size} processes from a {len(resume_ckpt['rng'])}-process run: RNG streams reseeded")
-            utils.seed_everything(args.global_seed * world_size + rank + 1_000_003 * step)
+        step = utils.restore_training(resume_ckpt, model, ema, opt, scaler, rank, world_size, args.global_seed, logger)
         logger.info(f"resumed from {resume_path} at step {step}")
     for group in opt.param_groups:
         group["lr"] = args.lr  # the command line's lr wins over the checkpoint's

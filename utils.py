@@ -301,6 +301,43 @@ def run_dir_of(checkpoint_path):
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
 
+def resume_args(args, fixed):
+    """--resume for a trainer: (checkpoint path, checkpoint). Flags not given on the command line take
+    the run's saved values; changing one of `fixed` (architecture, objective, data) is refused."""
+    path = resolve_resume(args.resume)
+    try:
+        ckpt = load_checkpoint(path, args.trust_checkpoint)
+    except (OSError, RuntimeError) as e:
+        fail(f"--resume {path}: {e}")
+    saved = ckpt["args"]
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in fixed
+               if k in args.cli_flags and getattr(args, k) != saved[k]]
+    if changed:
+        fail(f"--resume {path} keeps its model, objective and data: remove {', '.join(changed)}")
+    for key, value in saved.items():  # flags not given now continue as the run was started
+        if key not in args.cli_flags and key not in ("resume", "run_dir", "preset", "cli_flags", "init_from", "vae"):
+            setattr(args, key, value)
+    return path, ckpt
+
+
+def restore_training(ckpt, model, ema, opt, scaler, rank, world_size, seed, logger):
+    """Load a trainer checkpoint's weights, EMA (when kept), optimizer, loss scale and this rank's RNG
+    streams; returns the step. From a run on another number of processes the streams are reseeded."""
+    model.load_state_dict(ckpt["model"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    step = ckpt["step"]
+    if len(ckpt["rng"]) == world_size:
+        set_rng_state(ckpt["rng"][rank])
+    else:
+        logger.info(f"resuming with {world_size} processes from a {len(ckpt['rng'])}-process run: RNG streams reseeded")
+        seed_everything(seed * world_size + rank + 1_000_003 * step)
+    return step
+
+
 def save_step(payload, ckpt_dir, step, local_rng):
     """Save checkpoints/NNNNNNN.pt with every rank's RNG state (gathered: call on all ranks) and
     point latest.pt at it atomically (a hard link swapped in with a rename)."""
@@ -341,6 +378,12 @@ def step_flags(loss_values, stop_requested, device):
         dist.all_reduce(flags)
     nonfinite, stop = flags.tolist()
     return bool(nonfinite), bool(stop)
+
+
+def grid_labels(num_classes, columns=10):
+    """Up to `columns` classes spread evenly over the label range, one grid column each."""
+    cols = min(columns, num_classes)
+    return [round(i * num_classes / cols) for i in range(cols)]
 
 
 def save_labelled_grid(columns, labels, path, min_size=128):
