@@ -117,6 +117,19 @@ def epoch_indices(num_items, epoch, seed, rank=0, world_size=1, shuffle=True):
     return order[rank:usable:world_size]
 
 
+def epoch_loader(dataset, step, steps_per_epoch, per_rank, seed, rank=0, world_size=1, num_workers=0, pin_memory=False):
+    """The DataLoader for the rest of the epoch that `step` falls in, as the trainers read a cache:
+    this rank's share of epoch_indices from the step's offset on, and dataset.epoch set so the
+    per-item flips follow the epoch. The loader gets its own generator: otherwise it draws its base
+    seed from the global RNG, and a resumed run, which makes one more loader, would leave the
+    uninterrupted run's RNG stream."""
+    epoch, offset = divmod(step, steps_per_epoch)
+    dataset.epoch = epoch
+    order = epoch_indices(len(dataset), epoch, seed, rank, world_size)[offset * per_rank: steps_per_epoch * per_rank]
+    return torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=num_workers,
+                                       pin_memory=pin_memory, drop_last=True, generator=torch.Generator().manual_seed(seed + epoch))
+
+
 # ----------------------------------------------------------------------------- folders
 
 

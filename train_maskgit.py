@@ -203,15 +203,8 @@ def main(args):
     sums, count, t0 = {}, 0, time.time()
     try:
         while step < max_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            dataset.epoch = epoch
-            order = data.epoch_indices(len(dataset), epoch, args.global_seed, rank, world_size)
-            order = order[offset * per_rank: steps_per_epoch * per_rank]
-            # its own generator: a loader otherwise draws its base seed from the global RNG, and a resumed
-            # run, which makes one more loader, would leave the uninterrupted run's RNG stream
-            loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=args.num_workers,
-                                                 pin_memory=device.type == "cuda", drop_last=True,
-                                                 generator=torch.Generator().manual_seed(args.global_seed + epoch))
+            loader = data.epoch_loader(dataset, step, steps_per_epoch, per_rank, args.global_seed, rank, world_size,
+                                       args.num_workers, pin_memory=device.type == "cuda")
             for z, y in loader:
                 if step >= max_steps:
                     break

@@ -4,8 +4,6 @@ cache, and train_maskgit.py / sample.py / evaluate.py gen through their real com
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,20 +15,8 @@ import data
 import models
 import train_maskgit
 import utils
+from test_train_dit import read_metrics, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-
-
-def run_cli(script, args, nproc=1, timeout=300):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(autouse=True)
@@ -262,8 +248,8 @@ def tiny_run(tmp_path_factory):
     """One process: the token cache (32 shapes at 32 px, a random tiny VQ model, shards of 10) and
     4 training steps of MaskGIT-T with a sample grid at the end."""
     base = tmp_path_factory.mktemp("maskgit")
-    out = run_cli("train_maskgit.py", ["--preset", "tiny", "--tokens", str(base / "tokens"), "--cache-shard-size", "10",
-                                       "--run-dir", str(base / "run")])
+    out = run_cli(["--preset", "tiny", "--tokens", str(base / "tokens"), "--cache-shard-size", "10",
+                                       "--run-dir", str(base / "run")], script="train_maskgit.py")
     assert out.returncode == 0, out.stderr[-3000:]
     return base
 
@@ -311,11 +297,11 @@ def test_two_process_resume_equals_uninterrupted_run(tiny_run, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--max-steps", "6", "--ckpt-every", "3",
               "--sample-every", "0", "--global-batch-size", "8", "--ema-decay", "0.9"]  # 4 steps per epoch: crosses one
-    out = run_cli("train_maskgit.py", [*common, "--run-dir", str(full)], nproc=2)
+    out = run_cli([*common, "--run-dir", str(full)], nproc=2, script="train_maskgit.py")
     assert out.returncode == 0, out.stderr[-3000:]
     (resumed / "checkpoints").mkdir(parents=True)
     os.link(full / "checkpoints" / "0000003.pt", resumed / "checkpoints" / "0000003.pt")
-    out = run_cli("train_maskgit.py", [*common, "--resume", str(resumed / "checkpoints" / "0000003.pt")], nproc=2)
+    out = run_cli([*common, "--resume", str(resumed / "checkpoints" / "0000003.pt")], nproc=2, script="train_maskgit.py")
     assert out.returncode == 0, out.stderr[-3000:]
     a = utils.load_checkpoint(str(full / "checkpoints" / "0000006.pt"))
     b = utils.load_checkpoint(str(resumed / "checkpoints" / "0000006.pt"))
@@ -328,8 +314,8 @@ def test_two_process_resume_equals_uninterrupted_run(tiny_run, tmp_path):
 
 def test_sample_npz_on_two_processes_and_evaluate_gen(tiny_run, tmp_path):
     ckpt = str(tiny_run / "run" / "checkpoints" / "latest.pt")
-    out = run_cli("sample.py", ["--preset", "tiny", "--ckpt", ckpt, "--num-samples", "6", "--per-proc-batch-size", "2",
-                                "--sample-dir", str(tmp_path / "s")], nproc=2)
+    out = run_cli(["--preset", "tiny", "--ckpt", ckpt, "--num-samples", "6", "--per-proc-batch-size", "2",
+                                "--sample-dir", str(tmp_path / "s")], nproc=2, script="sample.py")
     assert out.returncode == 0, out.stderr[-3000:]
     samples = np.load(tmp_path / "s" / "samples.npz")
     assert samples["arr_0"].shape == (6, 32, 32, 3) and samples["arr_0"].dtype == np.uint8 and samples["arr_1"].max() < 10
@@ -347,25 +333,25 @@ def test_sample_npz_on_two_processes_and_evaluate_gen(tiny_run, tmp_path):
     assert np.abs(models.to_uint8(ae.decode_indices(z)).permute(0, 2, 3, 1).numpy().astype(int)
                   - samples["arr_0"][4:]).max() <= 1
     ref = tmp_path / "ref.npz"
-    res = run_cli("evaluate.py", ["ref", "--data-path", "builtin:shapes:8", "--image-size", "32", "--out", str(ref),
-                                  "--inception-weights", "random", "--preset", "tiny"])
+    res = run_cli(["ref", "--data-path", "builtin:shapes:8", "--image-size", "32", "--out", str(ref),
+                                  "--inception-weights", "random", "--preset", "tiny"], script="evaluate.py")
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli("evaluate.py", ["gen", "--ref", str(ref), "--sample", str(tmp_path / "s" / "samples.npz"),
+    res = run_cli(["gen", "--ref", str(ref), "--sample", str(tmp_path / "s" / "samples.npz"),
                                   "--inception-weights", "random", "--preset", "tiny", "--sqrtm", "eigh",
-                                  "--out", str(tmp_path / "gen.json")])
+                                  "--out", str(tmp_path / "gen.json")], script="evaluate.py")
     assert res.returncode == 0, res.stderr[-3000:]
     assert np.isfinite(json.loads((tmp_path / "gen.json").read_text())["fid"])
 
 
 def test_bad_input_fails_before_anything_is_written(tiny_run, tmp_path):
-    out = run_cli("train_maskgit.py", ["--preset", "tiny", "--tokens", str(tmp_path / "t"), "--vae", "scratch:tiny",
-                                       "--results-dir", str(tmp_path / "r")])
+    out = run_cli(["--preset", "tiny", "--tokens", str(tmp_path / "t"), "--vae", "scratch:tiny",
+                                       "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
     assert out.returncode == 2 and "continuous (KL)" in out.stderr and "--vae scratch:tiny" in out.stderr
-    out = run_cli("train_maskgit.py", ["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--num-steps", "65",
-                                       "--results-dir", str(tmp_path / "r")])
+    out = run_cli(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--num-steps", "65",
+                                       "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
     assert out.returncode == 2 and "--num-steps 65" in out.stderr
-    out = run_cli("sample.py", ["--preset", "tiny", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
-                                "--sampler", "ddim", "--sample-dir", str(tmp_path / "s")])
+    out = run_cli(["--preset", "tiny", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
+                                "--sampler", "ddim", "--sample-dir", str(tmp_path / "s")], script="sample.py")
     assert out.returncode == 2 and "--sampler is for DiT/SiT models" in out.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "t" / "meta.json").exists() and not (tmp_path / "s").exists()
 
