@@ -411,18 +411,19 @@ def build_shards(folder, dataset, plan, resume_keys, encode, batch_size=32, num_
     """What every cache build shares. Rank 0 records `plan` in build.json (an interrupted build must
     match it on `resume_keys`) and writes labels.npy; shards of `shard_images` images are split
     over the ranks, with a tqdm bar on rank 0. encode(x) -> {kind: array (B, ...)} for a [-1, 1]
-    batch; each kind's shard is written atomically to KIND-NNNNN.npy in the dict's order, so the
-    last kind's file marks a finished shard and a rerun resumes after it. Call on every rank."""
+    batch; each kind's shard is written atomically to KIND-NNNNN.npy in the order of
+    plan["shard_kinds"], so the last kind's file marks a finished shard and a rerun resumes after it.
+    Call on every rank."""
     n = len(dataset)
     num_shards = (n + shard_images - 1) // shard_images
     labels, _ = dataset_labels(dataset)
+    build_path = os.path.join(folder, "build.json")
+    if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build (every rank
+        with open(build_path) as f:  # checks, so that none is left waiting at the barrier for one that stopped)
+            check_cache_matches(json.load(f), {k: plan[k] for k in resume_keys}, folder)
     if utils.is_main():
         os.makedirs(folder, exist_ok=True)
-        build_path = os.path.join(folder, "build.json")
-        if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build
-            with open(build_path) as f:
-                check_cache_matches(json.load(f), {k: plan[k] for k in resume_keys}, folder)
-        else:
+        if not os.path.isfile(build_path):
             utils.write_json(build_path, plan)
         np.save(os.path.join(folder, "labels.npy"), labels)
     utils.barrier()

@@ -5,7 +5,7 @@ Time convention, everywhere in this file: t runs from data (t = 0) to noise (t =
 runs t downwards. DDPM's integer steps (0 = data, 999 = noise), REPA's transport time and the
 guidance interval of Kynkaanniemi et al. 2024 all read this way. SiT's own code puts t = 1 at the
 data: a network trained by SiT (recipe `time_input: "sit"`) is called with 1 - t and its velocity
-is negated, in `Transport.network_output` and nowhere else.
+is negated, in `Transport._call` and nowhere else.
 
 Rooms: 1. Gaussian diffusion  2. interpolant transport, REPA's alignment loss  3. guidance  4. per-sample noise
 5. samplers (DDPM, DDIM, ODE Euler/Heun, SDE Euler-Maruyama)  6. objectives from a recipe
@@ -274,7 +274,7 @@ def guided_model(model, y, num_classes, cfg_scale=1.0, cfg_channels=None, guidan
     def fn(x, t_net, t):
         if cfg_scale == 1.0 or not guidance_low <= t <= guidance_high:
             out = model(x, t_net, y)
-            return out[0] if isinstance(out, tuple) else out  # without REPA's projected tokens
+            return out[0] if isinstance(out, tuple) else out  # without REPA's projected tokens (models.prediction)
         out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t_net, t_net]), torch.cat([y, y_null]), cfg_scale, cfg_channels)
         return out[: len(x)]
     return fn

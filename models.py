@@ -892,7 +892,8 @@ class DINOv2(nn.Module):
         table = self.pos_embed.float()[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
         table = F.interpolate(table, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
         table = table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
-        self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], table.to(self.pos_embed.dtype)], dim=1))
+        self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], table.to(self.pos_embed.dtype)], dim=1),
+                                      requires_grad=self.pos_embed.requires_grad)  # a frozen encoder stays frozen
 
     def forward_features(self, x, masks=None):
         N, _, H, W = x.shape
@@ -989,7 +990,8 @@ class MaskGIT(nn.Module):
         self.out_fc = nn.Linear(hidden_size, hidden_size)
         self.out_norm2 = nn.LayerNorm(hidden_size, eps=1e-12)
         # v1.0's bias covers every position and every row of the table, (T + 1, codebook + 1 +
-        # classes + 1); only this (T, codebook) corner reaches a logit, so only it is kept
+        # classes + 1); its forward keeps (T, codebook + 1), the extra column being the mask token's, which
+        # our sampler never draws: only the (T, codebook) corner is kept
         self.bias = nn.Parameter(torch.zeros(self.num_tokens, codebook_size))
         self.initialize_weights()
 
@@ -1546,7 +1548,8 @@ def maskgit_pytorch_to_ours(sd, num_classes=1000):
     grid side, codebook size and class count as MaskGIT constructor arguments).
 
     Names are mapped one to one (nn.MultiheadAttention's in_proj_weight/bias become qkv); the
-    output bias keeps the (T, codebook) corner that reaches a logit. The codebook size is read from
+    output bias keeps the (T, codebook) corner (v1.0's logits also have a mask-token column, dropped
+    here on purpose: see MaskGIT.bias). The codebook size is read from
     the embedding table given `num_classes` (the released models: ImageNet's 1000); v1.0 does not
     store the head count, so the width, depth and heads come from a MaskGIT_models entry."""
     ours = {}

@@ -1,4 +1,4 @@
-"""Sampling from a trained DiT/SiT or MaskGIT (ours or a released one) to a PNG grid or an ADM `.npz`.
+"""Sampling from a trained DiT/SiT/REPA or MaskGIT (ours or a released one) to a PNG grid or an ADM `.npz`.
 
 Sample i's label and noise depend only on --global-seed and i, so the same N images come out on
 any number of processes. Finished chunks are kept in --sample-dir, so an interrupted run resumes;
@@ -10,6 +10,7 @@ the end result is DIR/samples.npz (arr_0: uint8 NHWC images, arr_1: labels), whi
   one GPU:    python sample.py --ckpt DiT-XL/2-256 --cfg-scale 1.5 --cfg-channels 3 --sample-dir samples/dit-xl
   8 GPUs:     torchrun --nproc_per_node=8 sample.py --ckpt results/003-SiT-XL-2-transport/checkpoints/latest.pt \\
                   --sampler sde --num-steps 250 --num-samples 50000 --sample-dir samples/sit-xl
+  REPA:       python sample.py --preset repa --ckpt REPA-SiT-XL/2-256 --sample-dir samples/repa-xl
   MaskGIT:    python sample.py --ckpt MaskGIT-B-256 --trust-checkpoint --sample-dir samples/maskgit-b
 """
 import argparse
@@ -98,6 +99,8 @@ def main(args):
         utils.fail(f"--ckpt {args.ckpt}: {str(e).strip(chr(34) + chr(39))}")
     model.to(device).eval()
     maskgit = isinstance(model, models.MaskGIT)
+    if maskgit and args.preset in SAMPLER_PRESETS:
+        utils.fail(f"--preset {args.preset} is a DiT/SiT sampler setting, not for this {recipe['model']}: remove it")
     # flags of the other family would do nothing: refused, not ignored
     foreign = sorted(set(args.cli_flags) & set(DIT_ONLY if maskgit else MASKGIT_ONLY))
     if foreign:

@@ -54,8 +54,6 @@ def prepare_latents(args, device):
         try:
             if meta is not None:
                 data.check_cache_matches(meta, fingerprint, args.latents)
-                if args.repa and not meta.get("images"):
-                    utils.fail(REBUILD_WITH_IMAGES.format(latents=args.latents))
                 return meta, ae
             dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None)
         except (OSError, ValueError, RuntimeError) as e:
@@ -82,14 +80,16 @@ def prepare_latents(args, device):
                                            store_images=args.cache_images)
         except RuntimeError as e:
             utils.fail(str(e))
-    if args.repa and not meta.get("images"):
-        utils.fail(REBUILD_WITH_IMAGES.format(latents=args.latents))
     return meta, ae
 
 
-REBUILD_WITH_IMAGES = ("--repa needs the images in the cache (its encoder sees them), and --latents {latents} holds "
-                       "latents only: build a new cache with --data-path, --vae and --cache-images into another "
-                       "--latents folder")
+def check_cache_images(args):
+    """--repa (or --cache-images) on a cache that holds latents only: refused before anything loads."""
+    meta = data.read_cache_meta(args.latents)
+    if meta is not None and args.cache_images and not meta.get("images"):
+        utils.fail(f"{'--repa needs the images in the cache (its encoder sees them)' if args.repa else '--cache-images'}"
+                   f", and --latents {args.latents} holds latents only: build a new cache with --data-path, --vae and "
+                   f"--cache-images into another --latents folder")
 
 
 def load_encoders(args, device):
@@ -149,6 +149,7 @@ def main(args):
 
     # REPA's encoders (downloads fail here, before the cache is built), the latents (built on first
     # use), then the network, before anything is written
+    check_cache_images(args)
     encoders = load_encoders(args, device) if args.repa else []
     meta, ae = prepare_latents(args, device)
     C, h, w = meta["latent_shape"]
@@ -174,6 +175,9 @@ def main(args):
     if args.init_from and resume_ckpt is None:
         try:
             start, _ = models.load_generator(args.init_from, args.model, args.trust_checkpoint)
+            if start.learn_sigma != model.learn_sigma:
+                utils.fail(f"--init-from {args.init_from} {'predicts' if start.learn_sigma else 'has no'} sigma channels: "
+                           f"pass --{'' if start.learn_sigma else 'no-'}learn-sigma to match it")
             sd = start.state_dict()
             fresh = [k for k in model.state_dict() if k not in sd]
             if fresh and all(k.startswith("projectors.") for k in fresh):  # a plain SiT into a REPA model
@@ -329,7 +333,7 @@ def check_args(args, world_size):
         if getattr(args, flag) <= 0:
             utils.fail(f"--{flag.replace('_', '-')} must be a positive integer")
     if args.repa:
-        if args.objective != "transport":
+        if args.objective != "transport" or not args.model.startswith("SiT"):
             utils.fail(f"--repa trains a SiT with the interpolant (REPA's recipe): use a SiT-* --model, not {args.model} "
                        f"with --objective {args.objective}")
         for spec in args.encoder.split(","):
@@ -375,11 +379,13 @@ FIXED_ON_RESUME = ("model", "objective", "path_type", "prediction", "learn_sigma
 
 PRESETS = {
     # CPU smoke runs and tests: a random tiny autoencoder, a few steps of the smallest DiT
-    "tiny": dict(vae="scratch:tiny", data_path="builtin:shapes:32", image_size=32, model="DiT-T/2", global_batch_size=4,
+    "tiny": dict(vae="scratch:tiny", data_path="builtin:shapes:32", image_size=32, latents="results/latents-tiny",
+                 model="DiT-T/2", global_batch_size=4,
                  max_steps=4, log_every=2, ckpt_every=2, sample_every=4, num_steps=4, grid_rows=1, cache_batch_size=8,
                  num_workers=0, results_dir="results"),
     # the same with REPA: a SiT aligned with a random ViT-S/14 (offline: no DINOv2 weights here)
-    "tiny-repa": dict(vae="scratch:tiny", data_path="builtin:shapes:32", image_size=32, model="SiT-T/2", repa=True,
+    "tiny-repa": dict(vae="scratch:tiny", data_path="builtin:shapes:32", image_size=32, latents="results/latents-tiny-images",
+                      model="SiT-T/2", repa=True,
                       encoder="random", encoder_depth=2, projector_dim=64, global_batch_size=4, max_steps=4, log_every=2,
                       ckpt_every=2, sample_every=4, num_steps=4, grid_rows=1, cache_batch_size=8, num_workers=0,
                       results_dir="results"),
@@ -410,7 +416,8 @@ def parse_args(argv=None):
     p.add_argument("--latent-norm", choices=["scale", "channel"], default="scale",
                    help="scale: (z - shift) x the autoencoder's scaling factor (0.18215 for SD-VAE, DiT's choice); "
                         "channel: the cache's per-channel mean and std (for autoencoders without a published factor)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (the cached flipped copies)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (the cached flipped copies; default: on, as DiT; off with --repa, as REPA)")
     p.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of checkpoints you trust")
     # model and objective
@@ -472,6 +479,8 @@ def parse_args(argv=None):
         args.grad_clip = 1.0 if args.repa else 0.0
     if args.cache_images is None:
         args.cache_images = args.repa
+    if args.flip is None:  # DiT flips; REPA's dataset has no flips
+        args.flip = not args.repa
     return args
 
 

@@ -291,7 +291,8 @@ FIXED_ON_RESUME = ("model", "dropout", "mask_schedule", "label_smoothing", "clas
 
 PRESETS = {
     # CPU smoke runs and tests: a random tiny VQ model (8x8 tokens, 64 codes), a few steps of MaskGIT-T
-    "tiny": dict(vae="scratch:tiny-vq", data_path="builtin:shapes:32", image_size=32, model="MaskGIT-T",
+    "tiny": dict(vae="scratch:tiny-vq", data_path="builtin:shapes:32", image_size=32, tokens="results/tokens-tiny",
+                 model="MaskGIT-T",
                  global_batch_size=4, max_steps=4, warmup_steps=2, log_every=2, ckpt_every=2, sample_every=4, num_steps=4,
                  grid_rows=1, cache_batch_size=8, num_workers=0, results_dir="results"),
 }

@@ -310,8 +310,8 @@ def resume_args(args, fixed):
     except (OSError, RuntimeError) as e:
         fail(f"--resume {path}: {e}")
     saved = ckpt["args"]
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in fixed
-               if k in args.cli_flags and getattr(args, k) != saved[k]]
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved.get(k)})" for k in fixed
+               if k in args.cli_flags and getattr(args, k) != saved.get(k)]
     if changed:
         fail(f"--resume {path} keeps its model, objective and data: remove {', '.join(changed)}")
     for key, value in saved.items():  # flags not given now continue as the run was started
@@ -322,9 +322,16 @@ def resume_args(args, fixed):
 
 def restore_training(ckpt, model, ema, opt, scaler, rank, world_size, seed, logger):
     """Load a trainer checkpoint's weights, EMA (when kept), optimizer, loss scale and this rank's RNG
-    streams; returns the step. From a run on another number of processes the streams are reseeded."""
-    model.load_state_dict(ckpt["model"])
-    if ema is not None:
+    streams; returns the step. From a run on another number of processes the streams are reseeded;
+    a run that kept no EMA and now does starts it from the weights."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        fail(f"--resume: the checkpoint's network does not fit this run's data (another cache folder?): {e}")
+    if ema is not None and ckpt.get("ema") is None:
+        ema.load_state_dict(model.state_dict())
+        logger.info("the resumed run kept no EMA: it starts from the resumed weights")
+    elif ema is not None:
         ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
     if scaler.is_enabled() and ckpt.get("scaler"):

@@ -249,7 +249,7 @@ def tiny_run(tmp_path_factory):
     4 training steps of MaskGIT-T with a sample grid at the end."""
     base = tmp_path_factory.mktemp("maskgit")
     out = run_cli(["--preset", "tiny", "--tokens", str(base / "tokens"), "--cache-shard-size", "10",
-                                       "--run-dir", str(base / "run")], script="train_maskgit.py")
+                   "--run-dir", str(base / "run")], script="train_maskgit.py")
     assert out.returncode == 0, out.stderr[-3000:]
     return base
 
@@ -315,7 +315,7 @@ def test_two_process_resume_equals_uninterrupted_run(tiny_run, tmp_path):
 def test_sample_npz_on_two_processes_and_evaluate_gen(tiny_run, tmp_path):
     ckpt = str(tiny_run / "run" / "checkpoints" / "latest.pt")
     out = run_cli(["--preset", "tiny", "--ckpt", ckpt, "--num-samples", "6", "--per-proc-batch-size", "2",
-                                "--sample-dir", str(tmp_path / "s")], nproc=2, script="sample.py")
+                   "--sample-dir", str(tmp_path / "s")], nproc=2, script="sample.py")
     assert out.returncode == 0, out.stderr[-3000:]
     samples = np.load(tmp_path / "s" / "samples.npz")
     assert samples["arr_0"].shape == (6, 32, 32, 3) and samples["arr_0"].dtype == np.uint8 and samples["arr_1"].max() < 10
@@ -334,25 +334,28 @@ def test_sample_npz_on_two_processes_and_evaluate_gen(tiny_run, tmp_path):
                   - samples["arr_0"][4:]).max() <= 1
     ref = tmp_path / "ref.npz"
     res = run_cli(["ref", "--data-path", "builtin:shapes:8", "--image-size", "32", "--out", str(ref),
-                                  "--inception-weights", "random", "--preset", "tiny"], script="evaluate.py")
+                   "--inception-weights", "random", "--preset", "tiny"], script="evaluate.py")
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli(["gen", "--ref", str(ref), "--sample", str(tmp_path / "s" / "samples.npz"),
-                                  "--inception-weights", "random", "--preset", "tiny", "--sqrtm", "eigh",
-                                  "--out", str(tmp_path / "gen.json")], script="evaluate.py")
+                   "--inception-weights", "random", "--preset", "tiny", "--sqrtm", "eigh",
+                   "--out", str(tmp_path / "gen.json")], script="evaluate.py")
     assert res.returncode == 0, res.stderr[-3000:]
     assert np.isfinite(json.loads((tmp_path / "gen.json").read_text())["fid"])
 
 
 def test_bad_input_fails_before_anything_is_written(tiny_run, tmp_path):
     out = run_cli(["--preset", "tiny", "--tokens", str(tmp_path / "t"), "--vae", "scratch:tiny",
-                                       "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
+                   "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
     assert out.returncode == 2 and "continuous (KL)" in out.stderr and "--vae scratch:tiny" in out.stderr
     out = run_cli(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--num-steps", "65",
-                                       "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
+                   "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
     assert out.returncode == 2 and "--num-steps 65" in out.stderr
     out = run_cli(["--preset", "tiny", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
-                                "--sampler", "ddim", "--sample-dir", str(tmp_path / "s")], script="sample.py")
+                   "--sampler", "ddim", "--sample-dir", str(tmp_path / "s")], script="sample.py")
     assert out.returncode == 2 and "--sampler is for DiT/SiT models" in out.stderr
+    out = run_cli(["--preset", "repa", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
+                   "--sample-dir", str(tmp_path / "s")], script="sample.py")
+    assert out.returncode == 2 and "--preset repa is a DiT/SiT sampler setting" in out.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "t" / "meta.json").exists() and not (tmp_path / "s").exists()
 
 

@@ -213,7 +213,7 @@ def test_tiny_repa_run_logs_alignment_saves_its_recipe_and_samples(repa_run):
     recipe = ckpt["generator"]
     assert recipe["repa"] == dict(encoder="random", proj_coeff=0.5) and recipe["objective"]["time_input"] == "repa"
     assert recipe["config"]["z_dims"] == [384] and recipe["config"]["encoder_depth"] == 2
-    assert ckpt["args"]["grad_clip"] == 1.0 and ckpt["args"]["learn_sigma"] is None
+    assert ckpt["args"]["grad_clip"] == 1.0 and ckpt["args"]["learn_sigma"] is None and ckpt["args"]["flip"] is False
     out = run_cli(["--preset", "repa", "--ckpt", str(run / "checkpoints" / "latest.pt"), "--num-samples", "4",
                    "--per-proc-batch-size", "2", "--num-steps", "5", "--sample-dir", str(repa_run / "samples")],
                   script="sample.py")
@@ -261,6 +261,9 @@ def test_repa_refuses_a_cache_without_images_and_starts_fresh_projectors(repa_ru
                    "--run-dir", str(run)])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no REPA projectors: they start fresh" in (run / "log.txt").read_text()
+    out = run_cli(["--preset", "tiny-repa", "--latents", str(repa_run / "latents"), "--learn-sigma", "--init-from",
+                   str(plain / "run" / "checkpoints" / "latest.pt"), "--run-dir", str(tmp_path / "no")])
+    assert out.returncode == 2 and "pass --no-learn-sigma" in out.stderr and not (tmp_path / "no").exists()
     a = utils.load_checkpoint(str(plain / "run" / "checkpoints" / "latest.pt"))["ema"]
     b = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a) and any(k.startswith("projectors.") for k in b)
