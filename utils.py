@@ -255,6 +255,7 @@ def make_run_dir(results_dir, name):
 def explicit_flags(parser, argv=None):
     """The destinations of the flags given on the command line (not taken from defaults)."""
     bare = copy.deepcopy(parser)
+    bare._defaults = {}  # set_defaults (presets, recipes) also fills the namespace from here
     for action in bare._actions:
         action.default = argparse.SUPPRESS
         action.required = False
@@ -301,19 +302,30 @@ def run_dir_of(checkpoint_path):
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
 
-def resume_args(args, fixed):
+def changed_flags(args, saved, keys):
+    """'--flag value (checkpoint: old)' for each of `keys` given on the command line with another value
+    than the saved run arguments `saved`."""
+    return [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in keys
+            if k in args.cli_flags and k in saved and getattr(args, k) != saved[k]]
+
+
+def resume_args(args, fixed, changeable=(), allow_changed=False):
     """--resume for a trainer: (checkpoint path, checkpoint). Flags not given on the command line take
-    the run's saved values; changing one of `fixed` (architecture, objective, data) is refused."""
+    the run's saved values; changing one of `fixed` (architecture, objective, data) is refused, and
+    one of `changeable` too unless `allow_changed` (the caller's --allow-changed-flags)."""
     path = resolve_resume(args.resume)
     try:
         ckpt = load_checkpoint(path, args.trust_checkpoint)
     except (OSError, RuntimeError) as e:
         fail(f"--resume {path}: {e}")
     saved = ckpt["args"]
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in fixed
-               if k in args.cli_flags and getattr(args, k) != saved[k]]
+    changed = changed_flags(args, saved, fixed)
     if changed:
         fail(f"--resume {path} keeps its model, objective and data: remove {', '.join(changed)}")
+    changed = [] if allow_changed else changed_flags(args, saved, changeable)
+    if changed:
+        fail(f"--resume {path} continues its objective and data: remove {', '.join(changed)}, "
+             f"or pass --allow-changed-flags to continue with the new values")
     for key, value in saved.items():  # flags not given now continue as the run was started
         if key not in args.cli_flags and key not in ("resume", "run_dir", "preset", "cli_flags", "init_from", "vae"):
             setattr(args, key, value)
