@@ -195,20 +195,25 @@ def reconstruct(ae, x, latent_fn=None):
 
 
 @torch.no_grad()
-def save_figure2(ae, x, path, args, scale=0.5, k=0):
-    """Figure 2 layout, one row per image, labelled columns: x | D(E(x)) | tau x | D(E(tau x)) |
-    D(tau E(x)). Smaller images are padded to the input size so the grid is rectangular."""
-    ae.eval()
-    lat = x.shape[-2] // ae.downsample_factor, x.shape[-1] // ae.downsample_factor
-    tau = models.eq_transform(*lat, k=k, scale=scale)
-    fn = lambda v: models.apply_eq_transform(v, tau, args.interp, args.antialias)
-    columns = [x, reconstruct(ae, x), fn(x), reconstruct(ae, fn(x)), reconstruct(ae, x, latent_fn=fn)]
+def save_figure2(named_models, x, path, args, scale=0.5, k=0):
+    """Figure 2 layout, labelled columns x | D(E(x)) | tau x | D(E(tau x)) | D(tau E(x)); for each
+    image one row per model of `named_models` ({row label: autoencoder}), labelled with its name.
+    Smaller images are padded to the input size so the grid is rectangular."""
     H, W = x.shape[-2:]
-    columns = [(F.pad(c, (0, W - c.shape[-1], 0, H - c.shape[-2]), value=1.0).clamp(-1, 1) + 1) / 2 for c in columns]
+    rows = []
+    for ae in named_models.values():
+        ae.eval()
+        lat = x.shape[-2] // ae.downsample_factor, x.shape[-1] // ae.downsample_factor
+        tau = models.eq_transform(*lat, k=k, scale=scale)
+        fn = lambda v: models.apply_eq_transform(v, tau, args.interp, args.antialias)
+        columns = [x, reconstruct(ae, x), fn(x), reconstruct(ae, fn(x)), reconstruct(ae, x, latent_fn=fn)]
+        rows.append([(F.pad(c, (0, W - c.shape[-1], 0, H - c.shape[-2]), value=1.0).clamp(-1, 1) + 1) / 2 for c in columns])
+        ae.train()
+    # (N x models) rows, image-major: each image's models sit next to each other
+    columns = [torch.stack([r[j] for r in rows], 1).flatten(0, 1) for j in range(5)]
     what = f"scale {scale:g}" if k == 0 else f"rot {90 * k}" + (f", scale {scale:g}" if scale != 1 else "")
     labels = ["x", "D(E(x))", f"tau x\n{what}", "D(E(tau x))", "D(tau E(x))"]
-    utils.save_labelled_grid(columns, labels, path)  # small demo images are enlarged so a person can see them
-    ae.train()
+    utils.save_labelled_grid(columns, labels, path, row_labels=list(named_models) * len(x))  # small images enlarged
 
 
 def held_out_batch(args, dataset):
@@ -535,7 +540,8 @@ def main(args):
                         metrics = evaluate_batch(target_model, eval_x, args)
                         logger.info("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                         logger.metrics(step, {f"eval/{k}": v for k, v in metrics.items()})
-                        save_figure2(target_model, eval_x[:4], os.path.join(run_dir, f"figure2-{step:07d}.png"), args)
+                        save_figure2({f"step {step}": target_model}, eval_x[:4],
+                                     os.path.join(run_dir, f"figure2-{step:07d}.png"), args)
                     utils.barrier()
                 if step % args.ckpt_every == 0 or step == max_steps or stop_now:
                     save()
@@ -588,19 +594,20 @@ def run_demo(args):
                       cli_flags=sorted(set(args.cli_flags) | changed))
         rows[name] = main(argparse.Namespace(**branch))
     x = held_out_batch(argparse.Namespace(**dict(vars(args), num_eval_images=args.num_demo_eval)), None)
-    table = {}
+    table, trained = {}, {}
     for name, run_dir in rows.items():
         ae = models.load_autoencoder(os.path.join(run_dir, "checkpoints", "latest.pt")).eval()
         table[name] = evaluate_batch(ae, x, args)
         if name != "base":
-            save_figure2(ae, x[:6], os.path.join(results_dir, f"figure2-{name}.png"), args, scale=0.5)
-            save_figure2(ae, x[:6], os.path.join(results_dir, f"figure2-{name}-rot.png"), args, scale=1.0, k=1)
+            trained["EQ-VAE" if name == "eq-vae" else name] = ae
+    save_figure2(trained, x[:4], os.path.join(results_dir, "figure2.png"), args, scale=0.5)
+    save_figure2(trained, x[:4], os.path.join(results_dir, "figure2-rot.png"), args, scale=1.0, k=1)
     lines = ["", f"EQ-VAE demo ({args.num_demo_eval} held-out builtin:{data.parse_builtin(args.data_path)[0]} images, {args.image_size}px)",
              f"{'model':<10} {'rot. eq. error':>15} {'scale eq. error':>16} {'PSNR (dB)':>10}"]
     for name, m in table.items():
         lines.append(f"{name:<10} {m['eq_err_rot']:>15.4f} {m['eq_err_scale']:>16.4f} {m['psnr']:>10.2f}")
-    lines.append(f"figures: {results_dir}/figure2-control.png, {results_dir}/figure2-eq-vae.png "
-                 f"(columns: x, D(E(x)), tau x, D(E(tau x)), D(tau E(x)))")
+    lines.append(f"figures: {results_dir}/figure2.png (tau = scale 0.5), {results_dir}/figure2-rot.png (a quarter "
+                 f"turn); columns x, D(E(x)), tau x, D(E(tau x)), D(tau E(x)); rows control and EQ-VAE per image")
     print("\n".join(lines), flush=True)
     utils.write_json(os.path.join(results_dir, "demo.json"), table)
     return table

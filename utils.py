@@ -398,10 +398,11 @@ def grid_labels(num_classes, columns=10):
     return [round(i * num_classes / cols) for i in range(cols)]
 
 
-def save_labelled_grid(columns, labels, path, min_size=128):
+def save_labelled_grid(columns, labels, path, min_size=128, row_labels=None):
     """One PNG: a column per (N, 3, H, W) tensor in [0, 1] (all the same size), a row per image, under
-    a header naming each column (labels may hold one line break). Images smaller than min_size
-    pixels are enlarged by an integer factor with nearest neighbours, so pixels stay visible."""
+    a header naming each column (labels may hold one line break); `row_labels` (N strings) name the
+    rows in a left margin. Images smaller than min_size pixels are enlarged by an integer factor
+    with nearest neighbours, so pixels stay visible."""
     import torch.nn.functional as F
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
@@ -414,15 +415,18 @@ def save_labelled_grid(columns, labels, path, min_size=128):
     body = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
     lines = max(len(label.split("\n")) for label in labels)
     header = 12 * lines + 4
-    canvas = Image.new("RGB", (body.width, body.height + header), "white")
-    canvas.paste(body, (0, header))
+    margin = 6 * max(len(r) for r in row_labels) + 8 if row_labels else 0
+    canvas = Image.new("RGB", (body.width + margin, body.height + header), "white")
+    canvas.paste(body, (margin, header))
     draw = ImageDraw.Draw(canvas)
-    cell_w = cells.shape[-1] + 2
+    cell_w, cell_h = cells.shape[-1] + 2, cells.shape[-2] + 2
     max_chars = max(4, cell_w // 6)
     for j, label in enumerate(labels):
         for i, line in enumerate(label.split("\n")):
             line = line if len(line) <= max_chars else ".." + line[-(max_chars - 2):]
-            draw.text((4 + j * cell_w, 2 + 12 * i), line, fill=(0, 0, 0))
+            draw.text((margin + 4 + j * cell_w, 2 + 12 * i), line, fill=(0, 0, 0))
+    for i, label in enumerate(row_labels or []):
+        draw.text((4, header + i * cell_h + cell_h // 2 - 6), label, fill=(0, 0, 0))
     canvas.save(path)
 
 
