@@ -247,7 +247,7 @@ def check_args(args, world_size):
     if args.eq_mode != "implicit" and "eq_prob" in args.cli_flags:
         utils.fail(f"--eq-prob applies to --eq-mode implicit only: the {args.eq_mode} loss joins every step (App. A.1); "
                    f"remove --eq-prob")
-    if args.restore_optimizer and args.resume:
+    if "restore_optimizer" in args.cli_flags and args.resume:
         utils.fail("--restore-optimizer restores the starting --vae checkpoint's Adam; --resume restores its own: remove it")
     for flag in ("lr", "base_lr", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor",
                  "explicit_weight", "max_grad_norm", "ema_decay"):
@@ -313,6 +313,9 @@ OBJECTIVE_FLAGS = ("recipe", "eq_mode", "eq_prob", "eq_start", "eq_transform", "
 
 def main(args):
     rank, world_size, device = utils.setup_distributed()
+    # --resume: flags not given now take the run's values (a changed objective flag is refused)
+    resume_path, resume_ckpt = (utils.resume_args(args, FIXED_ON_RESUME, OBJECTIVE_FLAGS, args.allow_changed_flags)
+                                if args.resume else (None, None))
     check_args(args, world_size)
     utils.seed_everything(args.global_seed)  # identical initial weights (scratch models, discriminator) on every rank
     precision, autocast = utils.precision_setup(args.precision, device)
@@ -320,8 +323,6 @@ def main(args):
     # models first, so a bad checkpoint or data path fails before anything is written. A resumed
     # run rebuilds the architecture from its checkpoint; otherwise --vae gives the starting weights.
     notes = []
-    resume_path, resume_ckpt = (utils.resume_args(args, FIXED_ON_RESUME, OBJECTIVE_FLAGS, args.allow_changed_flags)
-                                if args.resume else (None, None))
     try:
         if resume_ckpt is not None:
             ae, extras = models.build_autoencoder(resume_ckpt["autoencoder_config"]), {}
@@ -348,7 +349,7 @@ def main(args):
     # a Lightning .ckpt keeps its Adam states; the official run starts from LDM's kl-f8 through
     # resume_from_checkpoint, which restores them with their lr
     optimizer_states = extras.get("optimizer_states")
-    if args.restore_optimizer and not optimizer_states:
+    if args.restore_optimizer and resume_ckpt is None and not optimizer_states:
         utils.fail(f"--restore-optimizer: {args.vae} carries no optimizer_states (only a Lightning .ckpt does): remove it")
     # LDM's log-variance: a parameter of its loss that its optimizer never receives, so it stays fixed
     if args.logvar is not None:

@@ -327,6 +327,10 @@ def test_a_lightning_checkpoint_brings_its_optimizer_state(tmp_path):
     for name in ("opt", "opt_disc"):
         assert ckpt[name]["param_groups"][0]["lr"] == pytest.approx(3e-4) and ckpt[name]["state"][0]["step"] == 2
     assert ckpt["args"]["lr"] == pytest.approx(3e-4)
+    out = run_cli(["--resume", str(tmp_path / "restored"), "--max-steps", "2"])  # continues at the stored lr
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = utils.load_checkpoint(str(tmp_path / "restored" / "checkpoints" / "latest.pt"))
+    assert ckpt["step"] == 2 and ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(3e-4)
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
