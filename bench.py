@@ -115,8 +115,9 @@ def bench_inception(args):
 
 def bench_train_vae(args):
     """One EQ-VAE training step (an EQ step: tau drawn as in training; LPIPS-VGG, PatchGAN with the
-    adaptive weight, both optimizer updates) for each precision, interleaved. GPU: the paper's
-    kl-f8 at 256 px, batch 10 per GPU; CPU: kl-f8 at 128 px, batch 2; --preset tiny: scratch:tiny."""
+    adaptive weight, both optimizer updates) for each precision, interleaved, through the trainer's
+    own objective (train_vae.eq_vae_objective) and optimizers. GPU: the paper's kl-f8 at 256 px,
+    batch 10 per GPU; CPU: kl-f8 at 128 px, batch 2; --preset tiny: scratch:tiny."""
     import random
 
     import models as M
@@ -129,34 +130,29 @@ def bench_train_vae(args):
         config, size, batch, repeats = M.AE_configs["kl-f8"], 256, 10, 5
     else:
         config, size, batch, repeats = M.AE_configs["kl-f8"], 128, 2, 2
+    # the trainer's defaults (the paper's recipe), every step an EQ step, the discriminator on
+    vae_args = train_vae.parse_args(["--data-path", "builtin:shapes", "--image-size", str(size), "--eq-prob", "1",
+                                     "--disc-start", "0", "--disc-layers", "3" if size >= 128 else "2"])
+    train_vae.resolve_kind_defaults(vae_args, "kl")
     torch.manual_seed(0)
     lpips_net = M.load_lpips(random_backbone=True).to(device)  # same FLOPs as the pretrained one
-    loss_args = argparse.Namespace(perceptual_weight=1.0, kl_weight=1e-6, codebook_weight=1.0, disc_weight=0.5, disc_factor=1.0)
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    lat = size // (2 ** (len(config["ch_mult"]) - 1))
+    logvar = torch.zeros((), device=device)  # LDM's fixed log-variance: not optimised, as in the trainer
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     steps = {}
     for precision in precisions:
         ae = M.build_autoencoder(config).to(device).train()
-        disc = M.NLayerDiscriminator(n_layers=3 if size >= 128 else 2).to(device).train()
-        logvar = torch.nn.Parameter(torch.zeros((), device=device))
-        opt_ae = torch.optim.Adam(list(ae.parameters()) + [logvar], lr=1e-5, betas=(0.5, 0.9))
-        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.5, 0.9))
+        disc = M.NLayerDiscriminator(n_layers=vae_args.disc_layers).to(device).train()
+        opt_ae, opt_d = train_vae.build_optimizers(ae, disc, lr=1e-5)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         rng = random.Random(0)
 
-        def step(ae=ae, disc=disc, logvar=logvar, opt_ae=opt_ae, opt_d=opt_d, scaler=scaler, dtype=dtype, rng=rng,
-                 precision=precision):
-            tau = M.sample_eq_transform(lat, lat, "rotation+scale", rng=rng)
+        def step(ae=ae, disc=disc, opt_ae=opt_ae, opt_d=opt_d, scaler=scaler, dtype=dtype, rng=rng, precision=precision):
+            loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
-                target, rec, reg = train_vae.forward_step(ae, x, tau, "bicubic", False)
-                disc.requires_grad_(False)
-                loss, _ = train_vae.generator_loss("kl", target, rec, reg, logvar, lpips_net, disc, loss_args, True, ae.last_layer())
-                disc.requires_grad_(True)
+                loss, d_loss, _, _ = train_vae.eq_vae_objective(ae, disc, x, 0, rng, vae_args, logvar, lpips_net, loss_scale)
             scaler.scale(loss).backward()
-            with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
-                d_loss = train_vae.hinge_d_loss(disc(target.detach()), disc(rec.detach()))
             scaler.scale(d_loss).backward()
             for opt in (opt_ae, opt_d):
                 scaler.step(opt)

@@ -68,15 +68,16 @@ def center_crop_arr(pil_image, image_size):
     return Image.fromarray(arr[top : top + image_size, left : left + image_size])
 
 
-def random_crop_arr(pil_image, image_size, rng=random):
-    """LDM training crop: resize the short side to the target (area-like filtering via PIL's
-    reducing resize), then a random square crop."""
-    scale = image_size / min(*pil_image.size)
-    new_size = tuple(max(image_size, round(x * scale)) for x in pil_image.size)
-    pil_image = pil_image.resize(new_size, resample=Image.BICUBIC, reducing_gap=2.0)
+def random_crop_arr(pil_image, image_size, rng=random, min_crop_frac=1.0):
+    """LDM / official EQ-VAE training crop: a random square of side min_side x U(min_crop_frac, 1),
+    resized to the target. min_crop_frac < 1 zooms in by up to 1 / min_crop_frac (official: 0.5);
+    1 keeps the whole short side (resize the short side, then a random square). Shrinking uses area
+    averaging (the official cv2.INTER_AREA); a crop smaller than the target is enlarged bicubically."""
     w, h = pil_image.size
-    left, top = rng.randint(0, w - image_size), rng.randint(0, h - image_size)
-    return pil_image.crop((left, top, left + image_size, top + image_size))
+    side = max(1, int(min(w, h) * rng.uniform(min_crop_frac, 1.0)))
+    left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+    pil_image = pil_image.crop((left, top, left + side, top + side))
+    return pil_image.resize((image_size, image_size), resample=Image.BOX if side >= image_size else Image.BICUBIC)
 
 
 def pil_to_tensor(pil_image):
@@ -85,12 +86,12 @@ def pil_to_tensor(pil_image):
     return arr.float() / 127.5 - 1.0
 
 
-def preprocess(pil_image, image_size, crop="adm", flip=False, rng=random):
+def preprocess(pil_image, image_size, crop="adm", flip=False, rng=random, min_crop_frac=1.0):
     """One image through the chosen crop (+ optional horizontal flip) to a [-1, 1] tensor."""
     if crop == "adm":
         pil_image = center_crop_arr(pil_image, image_size)
     elif crop == "random":
-        pil_image = random_crop_arr(pil_image, image_size, rng)
+        pil_image = random_crop_arr(pil_image, image_size, rng, min_crop_frac)
     elif crop != "none":
         raise ValueError(f"unknown crop {crop!r}: use adm, random or none")
     if flip and rng.random() < 0.5:
@@ -159,13 +160,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     Unreadable files are found once at construction and skipped with one warning naming each file
     (`check=True`, one header read per file); a file that breaks later (truncated data) is named
-    and replaced by the next readable image. `min_size` refuses images smaller than the crop.
+    and replaced by the next readable image. `min_size` lists the images whose short side is below
+    it in `self.small` (the crops enlarge them; the trainer says so once).
     """
 
-    def __init__(self, root, image_size, crop="adm", flip=False, class_folders=True, min_size=None, check=True, seed=0):
+    def __init__(self, root, image_size, crop="adm", flip=False, class_folders=True, min_size=None, check=True, seed=0,
+                 min_crop_frac=1.0):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data-path {root} is not a folder: give a folder of images (or builtin:shapes)")
         self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
+        self.min_crop_frac, self.small = min_crop_frac, []
         subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir()) if class_folders else []
         if subdirs:
             self.classes = subdirs
@@ -182,12 +186,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     f"skipping {len(problems)} unreadable image(s) under {root}:\n  " + "\n  ".join(problems), stacklevel=2
                 )
             if min_size is not None:
-                small = [p for (p, _), (problem, side) in zip(self.samples, scans) if not problem and side < min_size]
-                if small:
-                    raise RuntimeError(
-                        f"{small[0]} is smaller than the {min_size}px crop ({len(small)} such image(s) under {root}): "
-                        f"use a smaller --image-size or remove the small images"
-                    )
+                self.small = [p for (p, _), (problem, side) in zip(self.samples, scans) if not problem and side < min_size]
             self.samples = [s for s, (problem, _) in zip(self.samples, scans) if not problem]
         if not self.samples:
             raise RuntimeError(f"no readable image found under {root} (extensions: {', '.join(IMG_EXTENSIONS)})")
@@ -205,7 +204,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except Exception as e:
                 warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", stacklevel=2)
                 continue
-            return preprocess(image, self.image_size, self.crop, self.flip, augment_rng(self.seed, self.epoch, index)), label
+            rng = augment_rng(self.seed, self.epoch, index)
+            return preprocess(image, self.image_size, self.crop, self.flip, rng, self.min_crop_frac), label
         raise RuntimeError(f"no readable image left under {self.root}")
 
 
@@ -343,7 +343,7 @@ def parse_builtin(spec):
     return parts[1], n, seed
 
 
-def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=True, min_size=None, seed=0):
+def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=True, min_size=None, seed=0, min_crop_frac=1.0):
     """A folder path or `builtin:shapes...` -> a dataset yielding ([-1, 1] CHW tensor, label).
 
     `seed` seeds the augmentations (crops, flips); set `dataset.epoch` before each epoch."""
@@ -351,7 +351,7 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
         name, n, shape_seed = parse_builtin(data_path)
         return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, plain=name == "shapes-plain")
     return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders,
-                              min_size=min_size, seed=seed)
+                              min_size=min_size, seed=seed, min_crop_frac=min_crop_frac)
 
 
 # ----------------------------------------------------------------------------- caches (shared machinery, latents)

@@ -1330,6 +1330,8 @@ def _split_state(obj):
     if any(k.startswith("first_stage_model.") for k in sd):  # a whole LDM: take its autoencoder
         sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
     extras = {k: v for k, v in sd.items() if k.startswith("loss.")}
+    if isinstance(obj, dict) and obj.get("optimizer_states"):  # a Lightning .ckpt: [autoencoder Adam, discriminator Adam]
+        extras["optimizer_states"] = obj["optimizer_states"]
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
     return sd, extras, None
 
@@ -1364,7 +1366,8 @@ def load_autoencoder(spec, trust_checkpoint=False, return_extras=False):
     (random init of an AE_configs entry), a diffusers folder, or a file: LDM/taming `.ckpt`,
     `.safetensors`/`.bin` state dict (LDM or diffusers names), our `.pt`, or a train_vae.py checkpoint.
     The format is detected from the keys; loading is strict. `return_extras` also returns the
-    training-only entries (`loss.*` of an LDM/taming ckpt: discriminator and logvar).
+    training-only entries (`loss.*` of an LDM/taming ckpt: discriminator and logvar; a Lightning
+    ckpt's `optimizer_states`).
     """
     spec = str(spec)
     extras = {}

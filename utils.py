@@ -255,6 +255,7 @@ def make_run_dir(results_dir, name):
 def explicit_flags(parser, argv=None):
     """The destinations of the flags given on the command line (not taken from defaults)."""
     bare = copy.deepcopy(parser)
+    bare._defaults = {}  # set_defaults (presets, recipes) also fills the namespace from here
     for action in bare._actions:
         action.default = argparse.SUPPRESS
         action.required = False
@@ -301,19 +302,30 @@ def run_dir_of(checkpoint_path):
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
 
-def resume_args(args, fixed):
+def changed_flags(args, saved, keys):
+    """'--flag value (checkpoint: old)' for each of `keys` given on the command line with another value
+    than the saved run arguments `saved`."""
+    return [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})" for k in keys
+            if k in args.cli_flags and k in saved and getattr(args, k) != saved[k]]
+
+
+def resume_args(args, fixed, changeable=(), allow_changed=False):
     """--resume for a trainer: (checkpoint path, checkpoint). Flags not given on the command line take
-    the run's saved values; changing one of `fixed` (architecture, objective, data) is refused."""
+    the run's saved values; changing one of `fixed` (architecture, objective, data) is refused, and
+    one of `changeable` too unless `allow_changed` (the caller's --allow-changed-flags)."""
     path = resolve_resume(args.resume)
     try:
         ckpt = load_checkpoint(path, args.trust_checkpoint)
     except (OSError, RuntimeError) as e:
         fail(f"--resume {path}: {e}")
     saved = ckpt["args"]
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved.get(k)})" for k in fixed
-               if k in args.cli_flags and getattr(args, k) != saved.get(k)]
+    changed = changed_flags(args, saved, fixed)
     if changed:
         fail(f"--resume {path} keeps its model, objective and data: remove {', '.join(changed)}")
+    changed = [] if allow_changed else changed_flags(args, saved, changeable)
+    if changed:
+        fail(f"--resume {path} continues its objective and data: remove {', '.join(changed)}, "
+             f"or pass --allow-changed-flags to continue with the new values")
     for key, value in saved.items():  # flags not given now continue as the run was started
         if key not in args.cli_flags and key not in ("resume", "run_dir", "preset", "cli_flags", "init_from", "vae"):
             setattr(args, key, value)
@@ -393,10 +405,11 @@ def grid_labels(num_classes, columns=10):
     return [round(i * num_classes / cols) for i in range(cols)]
 
 
-def save_labelled_grid(columns, labels, path, min_size=128):
+def save_labelled_grid(columns, labels, path, min_size=128, row_labels=None):
     """One PNG: a column per (N, 3, H, W) tensor in [0, 1] (all the same size), a row per image, under
-    a header naming each column (labels may hold one line break). Images smaller than min_size
-    pixels are enlarged by an integer factor with nearest neighbours, so pixels stay visible."""
+    a header naming each column (labels may hold one line break); `row_labels` (N strings) name the
+    rows in a left margin. Images smaller than min_size pixels are enlarged by an integer factor
+    with nearest neighbours, so pixels stay visible."""
     import torch.nn.functional as F
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
@@ -409,15 +422,18 @@ def save_labelled_grid(columns, labels, path, min_size=128):
     body = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
     lines = max(len(label.split("\n")) for label in labels)
     header = 12 * lines + 4
-    canvas = Image.new("RGB", (body.width, body.height + header), "white")
-    canvas.paste(body, (0, header))
+    margin = 6 * max(len(r) for r in row_labels) + 8 if row_labels else 0
+    canvas = Image.new("RGB", (body.width + margin, body.height + header), "white")
+    canvas.paste(body, (margin, header))
     draw = ImageDraw.Draw(canvas)
-    cell_w = cells.shape[-1] + 2
+    cell_w, cell_h = cells.shape[-1] + 2, cells.shape[-2] + 2
     max_chars = max(4, cell_w // 6)
     for j, label in enumerate(labels):
         for i, line in enumerate(label.split("\n")):
             line = line if len(line) <= max_chars else ".." + line[-(max_chars - 2):]
-            draw.text((4 + j * cell_w, 2 + 12 * i), line, fill=(0, 0, 0))
+            draw.text((margin + 4 + j * cell_w, 2 + 12 * i), line, fill=(0, 0, 0))
+    for i, label in enumerate(row_labels or []):
+        draw.text((4, header + i * cell_h + cell_h // 2 - 6), label, fill=(0, 0, 0))
     canvas.save(path)
 
 

@@ -1,4 +1,6 @@
 """Image folders (bad files, every mode), crops and the built-in procedural dataset."""
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,19 @@ def test_random_crop_and_flip_shapes():
     assert crop.size == (64, 64)
     x = data.preprocess(img, 48, crop="random", flip=True)
     assert x.shape == (3, 48, 48)
+
+
+def test_random_crop_zooms_by_up_to_one_over_min_crop_frac():
+    """The official crop: a square of side min_side x U(frac, 1) resized to the target. On a
+    horizontal ramp (pixel value = column) the output's value span measures the crop side."""
+    ramp = np.broadcast_to(np.arange(200, dtype=np.uint8)[None, :, None], (160, 200, 3)).copy()
+    img, rng = Image.fromarray(ramp), random.Random(0)
+    spans = [int(np.ptp(np.asarray(data.random_crop_arr(img, 64, rng, 0.5))[..., 0])) + 1 for _ in range(200)]
+    assert 80 - 3 <= min(spans) < 90 and 150 < max(spans) <= 160  # sides from 80 (= 0.5 x 160) to 160
+    whole = data.random_crop_arr(Image.fromarray(ramp[:, :160]), 64, random.Random(0), 1.0)
+    assert np.array_equal(np.asarray(whole), np.asarray(Image.fromarray(ramp[:, :160]).resize((64, 64), Image.BOX)))
+    small = data.random_crop_arr(Image.fromarray(ramp[:30, :40]), 64, random.Random(0), 0.5)
+    assert small.size == (64, 64)  # smaller than the target: enlarged, as the official pipeline does
 
 
 def test_builtin_shapes_is_deterministic():

@@ -3,6 +3,7 @@ exact resume, SIGTERM, NaN stop, input checks)."""
 import argparse
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -98,6 +99,44 @@ def test_kl_nll_matches_ldm_formula_and_lpips_matches_package():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_explicit_loss_by_hand():
+    """Eq. 4 for a quarter turn (no resampling): the squared norm per image, summed over the
+    latent's C x h x w, then averaged over the batch; C x h x w times an element mean."""
+    torch.manual_seed(0)
+    ae = models.build_autoencoder(models.AE_configs["tiny"])
+    x = torch.randn(3, 3, 64, 64)
+    tau = models.EqTransform(1, 16, 16, 16, 16)
+    with torch.no_grad():
+        got = train_vae.explicit_loss(ae, x, tau, False, "bicubic", False)
+        z, z_rot = ae.encode_features(x), ae.encode_features(torch.rot90(x, 1, dims=(-2, -1)))
+        per_image = [((torch.rot90(z[i], 1, dims=(-2, -1)) - z_rot[i]) ** 2).sum() for i in range(3)]
+    assert got.item() == pytest.approx(sum(per_image).item() / 3, rel=1e-5)
+    assert got.item() == pytest.approx(F.mse_loss(torch.rot90(z, 1, dims=(-2, -1)), z_rot).item() * z[0].numel(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["explicit", "explicit-sg"])
+def test_explicit_term_joins_every_step(mode):
+    """App. A.1: L_VAE + lambda L_explicit on every step (no EQ branch): the loss is the standard
+    loss of the same step plus 0.1 x the explicit term."""
+    torch.manual_seed(0)
+    ae = models.build_autoencoder(models.AE_configs["tiny"])
+    disc = models.NLayerDiscriminator(ndf=8, n_layers=2)
+    x = torch.randn(2, 3, 64, 64).clamp(-1, 1)
+    explicit = train_vae.parse_args(["--preset", "tiny", "--eq-mode", mode, "--disc-weight", "0", "--perceptual-weight", "0"])
+    standard = train_vae.parse_args(["--preset", "tiny", "--eq-prob", "0", "--disc-weight", "0", "--perceptual-weight", "0"])
+    for a in (explicit, standard):
+        train_vae.resolve_kind_defaults(a, "kl")
+    assert explicit.explicit_weight == 0.1
+    rng = random.Random(0)
+    for step in range(4):
+        torch.manual_seed(step)
+        loss, d_loss, terms, kind = train_vae.eq_vae_objective(ae, disc, x, step, rng, explicit, torch.tensor(0.0), None)
+        torch.manual_seed(step)
+        plain, _, _, _ = train_vae.eq_vae_objective(ae, disc, x, step, random.Random(0), standard, torch.tensor(0.0), None)
+        assert kind == "standard" and d_loss is None and terms["explicit"] > 0
+        assert loss.item() == pytest.approx(plain.item() + 0.1 * terms["explicit"].item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("stop_grad", [False, True])
 def test_explicit_loss_gradients(stop_grad):
     """Eq. 4 trains only the encoder; with sg[E(tau x)] only the tau E(x) branch carries gradient."""
@@ -112,9 +151,36 @@ def test_explicit_loss_gradients(stop_grad):
     ae.zero_grad()
     tz = models.apply_eq_transform(ae.encode_features(x), tau)
     ztx = ae.encode_features(models.apply_eq_transform(x, tau))
-    F.mse_loss(tz, ztx.detach()).backward()
-    torch.testing.assert_close(got, ae.encoder.conv_in.weight.grad) if stop_grad else \
-        pytest.raises(AssertionError, torch.testing.assert_close, got, ae.encoder.conv_in.weight.grad)
+    ((tz - ztx.detach()) ** 2).flatten(1).sum(1).mean().backward()  # the loss with sg[E(tau x)]
+    matches = torch.allclose(got, ae.encoder.conv_in.weight.grad, rtol=1e-4, atol=1e-6)
+    assert matches == stop_grad  # without sg, E(tau x) adds its own gradient
+
+
+def test_adaptive_weight_is_the_same_on_scaled_losses():
+    """fp16: the weight from gradients of loss x scale, divided back, equals the unscaled weight."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    a, b = torch.tensor([3.0, 4.0]), torch.tensor([0.6e-3, 0.8e-3])
+    plain = train_vae.adaptive_gan_weight((w * a).sum(), (w * b).sum(), w, 1.0)
+    scaled = train_vae.adaptive_gan_weight((w * a).sum(), (w * b).sum(), w, 1.0, loss_scale=65536.0)
+    assert plain.item() == pytest.approx(5.0 / (1e-3 + 1e-4))
+    assert scaled.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_bench_times_the_trainers_objective(monkeypatch):
+    """bench.py's train_vae step runs the trainer's objective and optimizers, not a copy."""
+    import bench
+
+    calls = []
+    real = train_vae.eq_vae_objective
+
+    def counted(ae, disc, x, step, rng, args, logvar, *rest):
+        calls.append((args.eq_prob, logvar.requires_grad))
+        return real(ae, disc, x, step, rng, args, logvar, *rest)
+
+    monkeypatch.setattr(train_vae, "eq_vae_objective", counted)
+    result = bench.bench_train_vae(argparse.Namespace(device="cpu", preset="tiny"))
+    assert calls and all(c == (1.0, False) for c in calls)  # EQ steps; the log-variance is not trained
+    assert result["fp32_img_s"] > 0
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -154,12 +220,13 @@ def test_tiny_smoke_single_process(tmp_path, config):
 
 
 def test_explicit_mode_two_processes_log_the_same_keys(tmp_path):
-    """Ranks that drew different branches still all-reduce one set of metric keys."""
+    """The explicit term is logged on every step, 0 before --eq-start, over 2 processes (one set of keys)."""
     run = tmp_path / "run"
-    out = run_cli(["--preset", "tiny", "--eq-mode", "explicit-sg", "--eq-prob", "0.5", "--log-every", "1",
+    out = run_cli(["--preset", "tiny", "--eq-mode", "explicit-sg", "--eq-start", "2", "--log-every", "1",
                    "--ckpt-every", "100", "--run-dir", str(run)], nproc=2, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert all("train/explicit" in r for r in read_metrics(run) if "train/loss" in r)
+    explicit = [r["train/explicit"] for r in read_metrics(run) if "train/loss" in r]
+    assert len(explicit) == 4 and explicit[:2] == [0.0, 0.0] and min(explicit[2:]) > 0
 
 
 def test_tiny_smoke_two_processes_and_diffusers_export(tmp_path):
@@ -194,14 +261,76 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert torch.equal(a["logvar"], b["logvar"])
     assert a["logvar"].item() == 0.0  # LDM never optimises its log-variance
     assert a["step"] == b["step"] == 4
-    # a checkpoint outside a checkpoints/ folder: its own folder is the run folder; the
-    # discriminator's shape comes from the checkpoint, whatever the command line says
+    # a checkpoint outside a checkpoints/ folder: its own folder is the run folder. The
+    # discriminator's shape is the checkpoint's; objective flags change only when allowed
     (tmp_path / "loose").mkdir()
     os.link(full / "checkpoints" / "0000002.pt", tmp_path / "loose" / "step2.pt")
-    out = run_cli([*common, "--max-steps", "3", "--disc-channels", "64", "--resume", str(tmp_path / "loose" / "step2.pt")])
+    loose = ["--max-steps", "3", "--resume", str(tmp_path / "loose" / "step2.pt")]
+    out = run_cli([*common, *loose, "--disc-channels", "64"])
+    assert out.returncode == 2 and "--disc-channels 64 (checkpoint: 8)" in out.stderr
+    out = run_cli([*common, *loose, "--eq-prob", "0.9", "--interp", "bilinear"])
+    assert out.returncode == 2 and "--eq-prob 0.9 (checkpoint: 0.5), --interp bilinear (checkpoint: bicubic)" in out.stderr
+    assert "--allow-changed-flags" in out.stderr and not (tmp_path / "loose" / "checkpoints").exists()
+    out = run_cli([*common, *loose, "--eq-prob", "0.9", "--allow-changed-flags"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "loose" / "checkpoints" / "0000003.pt").is_file()
-    assert "--disc-channels 8 from the resumed checkpoint" in (tmp_path / "loose" / "log.txt").read_text()
+    assert "--allow-changed-flags: continuing with --eq-prob 0.9" in (tmp_path / "loose" / "log.txt").read_text()
+
+
+def make_images(folder, sizes):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i, (w, h) in enumerate(sizes):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_small_images_are_enlarged_and_non_square_batches_train(tmp_path):
+    """Images below the crop are enlarged with one note (the official pipeline's resize), not a stop;
+    --crop none trains on non-square images, the latent size taken from each batch."""
+    make_images(tmp_path / "mixed", [(40, 30), (100, 80), (30, 50), (90, 120)])
+    run = tmp_path / "run"
+    out = run_cli(["--preset", "tiny", "--data-path", str(tmp_path / "mixed"), "--max-steps", "1", "--run-dir", str(run)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 image(s) under" in (run / "log.txt").read_text() and "below 64px" in (run / "log.txt").read_text()
+    make_images(tmp_path / "wide", [(80, 64)] * 4)
+    run = tmp_path / "wide-run"
+    out = run_cli(["--preset", "tiny", "--data-path", str(tmp_path / "wide"), "--crop", "none", "--eq-prob", "1",
+                   "--max-steps", "2", "--run-dir", str(run)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    train = [r for r in read_metrics(run) if "train/loss" in r]
+    assert train[-1]["step"] == 2 and train[-1]["train/eq_steps"] == 1.0
+
+
+def test_a_lightning_checkpoint_brings_its_optimizer_state(tmp_path):
+    """The official run resumes LDM's .ckpt through Lightning, which restores its Adam states: we log
+    the stored lr, and --restore-optimizer continues the moments with that lr."""
+    torch.manual_seed(0)
+    config = dict(models.AE_configs["tiny"], ch=32, norm_groups=32, ch_mult=[1, 2])  # inferable from LDM names
+    ae, disc = models.build_autoencoder(config), models.NLayerDiscriminator(ndf=8, n_layers=2)
+    opt_ae, opt_disc = train_vae.build_optimizers(ae, disc, lr=3e-4)
+    for model, opt in ((ae, opt_ae), (disc, opt_disc)):
+        sum(p.sum() for p in model.parameters()).backward()
+        opt.step()
+    state = {**ae.state_dict(), **{f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()}}
+    torch.save({"state_dict": state, "optimizer_states": [opt_ae.state_dict(), opt_disc.state_dict()]}, tmp_path / "ldm.ckpt")
+    common = ["--preset", "tiny", "--vae", str(tmp_path / "ldm.ckpt"), "--max-steps", "1"]
+    out = run_cli([*common, "--run-dir", str(tmp_path / "fresh")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "carries optimizer_states at lr 0.0003; this run starts a fresh Adam at lr 0.0001" in (tmp_path / "fresh" / "log.txt").read_text()
+    assert utils.load_checkpoint(str(tmp_path / "fresh" / "checkpoints" / "latest.pt"))["opt"]["state"][0]["step"] == 1
+    out = run_cli([*common, "--restore-optimizer", "--run-dir", str(tmp_path / "restored")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = utils.load_checkpoint(str(tmp_path / "restored" / "checkpoints" / "latest.pt"))
+    for name in ("opt", "opt_disc"):
+        assert ckpt[name]["param_groups"][0]["lr"] == pytest.approx(3e-4) and ckpt[name]["state"][0]["step"] == 2
+    assert ckpt["args"]["lr"] == pytest.approx(3e-4)
+    out = run_cli(["--resume", str(tmp_path / "restored"), "--max-steps", "2"])  # continues at the stored lr
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = utils.load_checkpoint(str(tmp_path / "restored" / "checkpoints" / "latest.pt"))
+    assert ckpt["step"] == 2 and ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(3e-4)
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
@@ -220,24 +349,48 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     assert "stop requested" in (run / "log.txt").read_text()
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train_vae.generator_loss
+class NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("planted", ["loss", "autoencoder-gradient", "discriminator-gradient"])
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, planted):
+    """A NaN loss, or a finite loss with a NaN gradient (no fp16 scaler would skip it under bf16 or
+    fp32), stops the run before the step is applied."""
+    real = train_vae.eq_vae_objective
     calls = {"n": 0}
 
-    def planted(*a, **k):
-        loss, terms = real(*a, **k)
+    def objective(*a, **k):
+        loss, d_loss, terms, kind = real(*a, **k)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 3 else loss), terms
+        if calls["n"] == 3:
+            if planted == "loss":
+                loss = loss * float("nan")
+                terms["loss"] = loss.detach()
+            elif planted == "autoencoder-gradient":
+                loss = NanGradient.apply(loss)
+            else:
+                d_loss = NanGradient.apply(d_loss)
+        return loss, d_loss, terms, kind
 
-    monkeypatch.setattr(train_vae, "generator_loss", planted)
+    monkeypatch.setattr(train_vae, "eq_vae_objective", objective)
     run = tmp_path / "run"
     args = train_vae.parse_args(["--preset", "tiny", "--max-steps", "6", "--ckpt-every", "2", "--log-every", "1",
                                  "--run-dir", str(run)])
     with pytest.raises(SystemExit) as e:
         train_vae.main(args)
     assert e.value.code == 3
-    assert "non-finite loss at step 2" in (run / "log.txt").read_text()
-    assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == 2
+    assert "non-finite loss or gradient norm at step 2" in (run / "log.txt").read_text()
+    last = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
+    assert last["step"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values())
     assert not (run / "checkpoints" / "0000003.pt").exists()
 
 
@@ -247,12 +400,12 @@ def test_bad_input_fails_before_training(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing written
     out = run_cli(["--preset", "tiny", "--vae", "scratch:tiny-vq", "--kl-weight", "1e-6", "--results-dir", str(tmp_path / "r")])
     assert out.returncode == 2 and "--kl-weight" in out.stderr and "VQ" in out.stderr
-    from PIL import Image
-
-    (tmp_path / "small").mkdir()
-    Image.new("RGB", (40, 30)).save(tmp_path / "small" / "a.png")
-    out = run_cli(["--preset", "tiny", "--data-path", str(tmp_path / "small"), "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "a.png is smaller than the 64px crop" in out.stderr
+    out = run_cli(["--preset", "tiny", "--min-crop-frac", "0", "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "--min-crop-frac 0.0 is out of range" in out.stderr
+    out = run_cli(["--preset", "tiny", "--eq-mode", "explicit", "--eq-prob", "0.5", "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "--eq-prob applies to --eq-mode implicit only" in out.stderr
+    out = run_cli(["--preset", "tiny", "--restore-optimizer", "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "scratch:tiny carries no optimizer_states" in out.stderr
     out = run_cli(["--preset", "tiny", "--vae", str(tmp_path / "missing.ckpt"), "--results-dir", str(tmp_path / "r")])
     assert out.returncode == 2 and "missing.ckpt" in out.stderr
     with pytest.raises(SystemExit):

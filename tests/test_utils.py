@@ -118,3 +118,19 @@ def test_non_checkpoint_files_are_named_not_unpickled(tmp_path):
         utils.load_checkpoint(str(noise))
     with pytest.raises(RuntimeError, match="truncated zip"):
         utils.load_checkpoint(str(cut), trust_checkpoint=True)
+
+
+def test_labelled_grid_names_the_rows_in_a_left_margin(tmp_path):
+    """row_labels widen the grid by a margin that holds text beside each row, and only there."""
+    from PIL import Image
+
+    columns = [torch.full((2, 3, 32, 32), v) for v in (0.2, 0.8)]
+    utils.save_labelled_grid(columns, ["x", "y"], tmp_path / "plain.png", min_size=32)
+    utils.save_labelled_grid(columns, ["x", "y"], tmp_path / "rows.png", min_size=32, row_labels=["control", "EQ-VAE"])
+    plain, rows = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "rows.png")
+    margin = 6 * len("control") + 8
+    assert rows.size == (plain.width + margin, plain.height)
+    ink = (np.asarray(rows.convert("L"))[:, :margin] < 128).any(1)  # rows of pixels with text in the margin
+    header, cell = 16, 34
+    assert ink[header:header + cell].any() and ink[header + cell:header + 2 * cell].any() and not ink[:header].any()
+    assert np.array_equal(np.asarray(rows)[:, margin:], np.asarray(plain))  # the grid itself is unchanged
