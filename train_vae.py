@@ -2,7 +2,9 @@
 
 Each step, with probability --eq-prob the step uses the EQ-VAE objective (Eq. 5): decode the
 transformed latent and compare it with the transformed image, L_rec(tau x, D(tau E(x))) + GAN on
-D(tau E(x)) + KL of q(z|x); otherwise the standard LDM objective (Eq. 1). That is Eq. 7.
+D(tau E(x)) + KL of q(z|x); otherwise the standard LDM objective (Eq. 1). That is Eq. 7, in
+eq_vae_objective. --recipe paper|official sets what the paper and the official code do differently
+(resampling for tau, low-resolution prior preservation, crop, precision).
 
   CPU smoke:  python train_vae.py --preset tiny
   one GPU:    python train_vae.py --vae kl-f8 --data-path /data/openimages/train --results-dir results
