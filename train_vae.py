@@ -2,7 +2,9 @@
 
 Each step, with probability --eq-prob the step uses the EQ-VAE objective (Eq. 5): decode the
 transformed latent and compare it with the transformed image, L_rec(tau x, D(tau E(x))) + GAN on
-D(tau E(x)) + KL of q(z|x); otherwise the standard LDM objective (Eq. 1). That is Eq. 7.
+D(tau E(x)) + KL of q(z|x); otherwise the standard LDM objective (Eq. 1). That is Eq. 7, in
+eq_vae_objective. --recipe paper|official sets what the paper and the official code do differently
+(resampling for tau, low-resolution prior preservation, crop, precision).
 
   CPU smoke:  python train_vae.py --preset tiny
   one GPU:    python train_vae.py --vae kl-f8 --data-path /data/openimages/train --results-dir results
@@ -66,7 +68,9 @@ def adaptive_gan_weight(nll_loss, g_loss, last_layer, disc_weight, loss_scale=1.
     nll_grad = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
     weight = (nll_grad.float().norm() / loss_scale) / (g_grad.float().norm() / loss_scale + 1e-4)
-    return weight.clamp(0.0, 1e4).detach() * disc_weight
+    # a scale too large overflows to inf/inf: weight 0 keeps the loss finite, and the scaler, whose
+    # backward overflows alike, skips the step and lowers the scale
+    return torch.nan_to_num(weight, nan=0.0).clamp(0.0, 1e4).detach() * disc_weight
 
 
 def hinge_d_loss(logits_real, logits_fake):
@@ -80,11 +84,11 @@ def generator_loss(kind, target, rec, reg, logvar, lpips_net, disc, args, gan_on
     VQ: nll = mean(|x - x'| + w_p LPIPS), + codebook_weight * VQ loss.
     Both: + adaptive weight * disc_factor * (-mean D(x')) once the discriminator is on.
     """
-    rec_loss = (target - rec).abs()
+    rec_loss = (target.float() - rec.float()).abs()  # fp32 sums: under fp16, sum |x - x'| over pixels overflows
     terms = {"l1": rec_loss.mean().detach()}
     if args.perceptual_weight > 0:
         p_loss = lpips_net(target, rec)  # (N, 1, 1, 1), broadcast over pixels as in LDM
-        rec_loss = rec_loss + args.perceptual_weight * p_loss
+        rec_loss = rec_loss + args.perceptual_weight * p_loss.float()
         terms["lpips"] = p_loss.mean().detach()
     if kind == "kl":
         nll = (rec_loss / torch.exp(logvar) + logvar).sum() / rec_loss.shape[0]
@@ -96,7 +100,7 @@ def generator_loss(kind, target, rec, reg, logvar, lpips_net, disc, args, gan_on
         terms["vq"] = reg.detach()
     terms["nll"] = nll.detach()
     if gan_on:
-        g_loss = -disc(rec).mean()
+        g_loss = -disc(rec).float().mean()
         d_weight = adaptive_gan_weight(nll, g_loss, last_layer, args.disc_weight, loss_scale)
         loss = loss + d_weight * args.disc_factor * g_loss
         terms["g"], terms["d_weight"] = g_loss.detach(), d_weight

@@ -164,6 +164,8 @@ def test_adaptive_weight_is_the_same_on_scaled_losses():
     scaled = train_vae.adaptive_gan_weight((w * a).sum(), (w * b).sum(), w, 1.0, loss_scale=65536.0)
     assert plain.item() == pytest.approx(5.0 / (1e-3 + 1e-4))
     assert scaled.item() == pytest.approx(plain.item(), rel=1e-6)
+    huge = torch.tensor([3e34, 4e34])  # x 65536 overflows fp32: inf / inf, a step the scaler skips
+    assert train_vae.adaptive_gan_weight((w * huge).sum(), (w * huge).sum(), w, 1.0, loss_scale=65536.0).item() == 0.0
 
 
 def test_bench_times_the_trainers_objective(monkeypatch):
