@@ -461,6 +461,18 @@ def finish_cache(folder, meta, fmt):
     return read_cache_meta(folder, fmt)
 
 
+def complete_cache_meta(folder, fmt, flag):
+    """meta.json of the complete cache in `folder`, or one error naming the flag (and saying when an
+    interrupted build is there to finish)."""
+    meta = read_cache_meta(folder, fmt)
+    if meta is None:
+        partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
+            if os.path.isfile(os.path.join(folder, "build.json")) else ""
+        what = "token cache" if fmt == TOKEN_CACHE_FORMAT else "latent cache"
+        raise FileNotFoundError(f"{flag} {folder} holds no complete {what}{partial}")
+    return meta
+
+
 def open_shards(folder, meta, expected, what):
     """Check every shard of a complete cache when it is opened: expected {kind: (row shape, dtype)};
     a missing, truncated or mismatched shard is named with the fix."""
@@ -540,11 +552,7 @@ class LatentDataset(torch.utils.data.Dataset):
     mismatched one is named."""
 
     def __init__(self, folder, flip=True, seed=0, images=False):
-        self.meta = read_cache_meta(folder)
-        if self.meta is None:
-            partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
-                if os.path.isfile(os.path.join(folder, "build.json")) else ""
-            raise FileNotFoundError(f"--latents {folder} holds no complete latent cache{partial}")
+        self.meta = complete_cache_meta(folder, CACHE_FORMAT, "--latents")
         if images and not self.meta.get("images"):
             raise RuntimeError(f"--latents {folder} holds latents but no images (REPA's encoder needs them): build a "
                                f"new cache with --data-path, --vae and --cache-images into another --latents folder")
@@ -622,11 +630,7 @@ class TokenDataset(torch.utils.data.Dataset):
     its flip, the flip drawn from (seed, epoch, i) as LatentDataset's (flip=False: never)."""
 
     def __init__(self, folder, flip=True, seed=0):
-        self.meta = read_cache_meta(folder, TOKEN_CACHE_FORMAT)
-        if self.meta is None:
-            partial = " (an interrupted build: run again with --data-path and --vae to finish it)" \
-                if os.path.isfile(os.path.join(folder, "build.json")) else ""
-            raise FileNotFoundError(f"--tokens {folder} holds no complete token cache{partial}")
+        self.meta = complete_cache_meta(folder, TOKEN_CACHE_FORMAT, "--tokens")
         grid = self.meta["token_grid"]
         self.labels = open_shards(folder, self.meta, {"tokens": ((2, grid, grid), np.int16)}, "token cache")
         self.folder, self.flip, self.seed, self.epoch = folder, flip, seed, 0

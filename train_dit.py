@@ -279,10 +279,7 @@ def main(args):
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
                 nonfinite, stop_now = utils.step_flags([loss_total.detach(), grad_norm], stop.requested, device)
                 if nonfinite:
-                    logger.info(f"non-finite loss or gradient at step {step}: stopping without applying it; the last "
-                                f"good checkpoint in {ckpt_dir} is kept. Lower --lr, set --grad-clip or use "
-                                f"--precision fp32, then --resume.")
-                    raise SystemExit(3)
+                    utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
                 scaler.step(opt)
                 scaler.update()
                 utils.update_ema(ema, model, args.ema_decay)

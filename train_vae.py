@@ -519,10 +519,8 @@ def main(args):
                 # sync): under bf16/fp32 no scaler skips a NaN gradient, so a bad step is never applied
                 nonfinite, stop_now = utils.step_flags(checks, stop.requested, device)
                 if nonfinite:
-                    logger.info(f"non-finite loss or gradient norm at step {step}: stopping without applying it; the "
-                                f"last good checkpoint in {ckpt_dir} is kept. Lower the lr or use --precision fp32, "
-                                f"then --resume.")
-                    raise SystemExit(3)
+                    utils.stop_nonfinite(logger, step, ckpt_dir, "Lower the lr or use --precision fp32",
+                                         what="loss or gradient norm")
                 scaler_ae.step(opt_ae)
                 scaler_ae.update()
                 if gan_on:

@@ -399,6 +399,14 @@ def step_flags(loss_values, stop_requested, device):
     return bool(nonfinite), bool(stop)
 
 
+def stop_nonfinite(logger, step, ckpt_dir, advice, what="loss or gradient"):
+    """After step_flags found a NaN/inf: say so, keep the last good checkpoint, and exit with code 3
+    before the step is applied."""
+    logger.info(f"non-finite {what} at step {step}: stopping without applying it; the last good checkpoint in "
+                f"{ckpt_dir} is kept. {advice}, then --resume.")
+    raise SystemExit(3)
+
+
 def grid_labels(num_classes, columns=10):
     """Up to `columns` classes spread evenly over the label range, one grid column each."""
     cols = min(columns, num_classes)

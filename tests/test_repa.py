@@ -139,7 +139,7 @@ def test_released_repa_generator_resolves_by_name(tmp_path, monkeypatch):
     monkeypatch.setitem(models.PRETRAINED_GENERATORS, "REPA-SiT-T/2-64", dict(
         model="SiT-T/2", image_size=64, filename="repa-t.pt", url="https://example.invalid/repa-t.pt",
         repa=dict(z_dims=[384], encoder_depth=2, projector_dim=64)))
-    sd = {k: v for k, v in repa_state_dict([384]).items()}
+    sd = repa_state_dict([384])
     sd["y_embedder.embedding_table.weight"] = torch.randn(1001, 128)
     os.makedirs(tmp_path / "generators")
     torch.save({"ema": sd}, tmp_path / "generators" / "repa-t.pt")
