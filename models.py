@@ -1655,7 +1655,7 @@ def fetch_pretrained(name):
 
 # ============================================================================= 8. registries
 
-# Architectures (LDM configs). `tiny`/`tiny-vq` are for CPU tests and the demo.
+# Architectures (LDM configs). `tiny`/`tiny-vq` are for CPU tests, `small` (0.95M parameters) for the demo.
 AE_configs = {
     "kl-f8": dict(kind="kl", ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], z_channels=4,
                   embed_dim=4, use_quant_conv=True, scaling_factor=0.18215),
@@ -1667,6 +1667,8 @@ AE_configs = {
                         z_channels=256, embed_dim=256, n_embed=1024),
     "tiny": dict(kind="kl", ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
                  embed_dim=4, use_quant_conv=True, resolution=64, norm_groups=8),
+    "small": dict(kind="kl", ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
+                  embed_dim=4, use_quant_conv=True, resolution=64, norm_groups=8),
     "tiny-vq": dict(kind="vq", ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16], z_channels=16,
                     embed_dim=16, n_embed=64, resolution=64, norm_groups=8),
 }

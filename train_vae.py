@@ -576,12 +576,15 @@ def main(args):
 def run_demo(args):
     """The paper's Table 6 comparison in miniature: train a small KL autoencoder with the standard
     objective, then continue from that same state in two branches with the same steps and data
-    order: a control (standard objective only) and EQ-VAE (--eq-start). Prints one table."""
+    order: a control (standard objective only) and EQ-VAE (--eq-start). The base stands for the
+    pretrained autoencoder, so it trains without the fine-tuning's low-resolution prior preservation
+    (--lowres-prob, which both branches use). Prints one table."""
     results_dir = os.path.join(args.results_dir, "demo")
     if os.path.isdir(results_dir):
         shutil.rmtree(results_dir)
     steps = args.max_steps
-    base = dict(vars(args), preset=None, results_dir=results_dir, max_steps=steps, eq_mode="implicit", eq_prob=0.0)
+    base = dict(vars(args), preset=None, results_dir=results_dir, max_steps=steps, eq_mode="implicit", eq_prob=0.0,
+                lowres_prob=0.0)
     print(f"demo: {steps} standard steps, then {steps} more as control and as EQ-VAE (CPU, a few minutes)", flush=True)
     base_dir = main(argparse.Namespace(**dict(base, run_dir=os.path.join(results_dir, "base"))))
     base_ckpt = os.path.join(base_dir, "checkpoints", "latest.pt")
@@ -591,8 +594,8 @@ def run_demo(args):
         os.makedirs(os.path.join(branch_dir, "checkpoints"))
         shutil.copyfile(base_ckpt, os.path.join(branch_dir, "checkpoints", "latest.pt"))
         # the branches change the objective of the resumed base run on purpose
-        changed = {"eq_mode", "eq_start", "max_steps"} | ({"eq_prob"} if eq_mode == "implicit" else set())
-        branch = dict(base, eq_mode=eq_mode, eq_prob=eq_prob, eq_start=steps, max_steps=2 * steps,
+        changed = {"eq_mode", "eq_start", "max_steps", "lowres_prob"} | ({"eq_prob"} if eq_mode == "implicit" else set())
+        branch = dict(base, eq_mode=eq_mode, eq_prob=eq_prob, eq_start=steps, max_steps=2 * steps, lowres_prob=args.lowres_prob,
                       resume=os.path.join(branch_dir, "checkpoints", "latest.pt"), allow_changed_flags=True,
                       cli_flags=sorted(set(args.cli_flags) | changed))
         rows[name] = main(argparse.Namespace(**branch))
@@ -624,9 +627,10 @@ PRESETS = {
                  max_steps=4, lr=1e-4, disc_start=0, disc_channels=8, disc_layers=2, lpips_random=True, num_workers=0,
                  log_every=2, ckpt_every=2, eval_every=4, num_eval_images=4, results_dir="results"),
     # the README demo: standard objective, then control vs EQ-VAE branches (see run_demo)
-    "demo": dict(vae="scratch:tiny", data_path="builtin:shapes-plain:20000", image_size=32, global_batch_size=16, grad_accum=1,
-                 max_steps=600, lr=1e-3, perceptual_weight=0.0, disc_weight=0.0, lowres_prob=0.0, num_workers=0,
+    "demo": dict(vae="scratch:small", data_path="builtin:shapes-plain:20000", image_size=32, global_batch_size=16, grad_accum=1,
+                 max_steps=600, lr=1e-3, perceptual_weight=0.0, disc_weight=0.0, num_workers=0,
                  antialias=True,  # a 0.25 downscale of a 32 px image without a low-pass is mostly aliasing
+                 lowres_prob=0.25,  # the branches' (official) prior preservation: the scale error encodes 8 px images
                  log_every=100, ckpt_every=600, eval_every=600, num_eval_images=8, results_dir="results"),
 }
 

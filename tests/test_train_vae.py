@@ -440,3 +440,21 @@ def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):
     assert ckpt["logvar"].item() == pytest.approx(0.7)
     out = run_cli(["--preset", "tiny", "--max-steps", "1", "--run-dir", str(tmp_path / "fresh")])
     assert "carries no discriminator: training a fresh one" in (tmp_path / "fresh" / "log.txt").read_text()
+
+
+def test_demo_branches_continue_one_base_with_different_objectives(tmp_path):
+    """--preset demo on 2 steps: the control and EQ-VAE branches both resume the base's step-2
+    checkpoint, only the EQ branch takes equivariance steps, and the table, JSON and labelled
+    figures are written."""
+    out = run_cli(["--preset", "demo", "--max-steps", "2", "--eq-prob", "1", "--num-demo-eval", "4", "--log-every", "1",
+                   "--results-dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    demo = tmp_path / "demo"
+    steps = {name: [(r["step"], r["train/eq_steps"]) for r in read_metrics(demo / name) if "train/loss" in r]
+             for name in ("base", "control", "eq-vae")}
+    assert steps == {"base": [(1, 0.0), (2, 0.0)], "control": [(3, 0.0), (4, 0.0)], "eq-vae": [(3, 1.0), (4, 1.0)]}
+    table = json.loads((demo / "demo.json").read_text())
+    assert list(table) == ["base", "control", "eq-vae"] and table["control"] != table["eq-vae"]
+    assert "EQ-VAE demo (4 held-out builtin:shapes-plain images, 32px)" in out.stdout
+    assert (demo / "figure2.png").is_file() and (demo / "figure2-rot.png").is_file()
+    assert models.load_autoencoder(str(demo / "eq-vae" / "autoencoder.pt")).downsample_factor == 4
