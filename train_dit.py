@@ -388,8 +388,8 @@ PRESETS = {
                       results_dir="results"),
     # the README demo (see run_demo)
     "demo": dict(vae="results/demo/eq-vae/autoencoder.pt", data_path="builtin:shapes-plain:10000", image_size=32,
-                 model="DiT-T/2", global_batch_size=32, max_steps=12000, lr=1e-3, ema_decay=0.999, log_every=1000,
-                 ckpt_every=12000, sample_every=12000, num_steps=50, cfg_scale=4.0, grid_rows=4, cache_batch_size=64,
+                 model="DiT-T/2", global_batch_size=32, max_steps=16000, lr=1e-3, ema_decay=0.999, log_every=1000,
+                 ckpt_every=16000, sample_every=16000, num_steps=50, cfg_scale=4.0, grid_rows=4, cache_batch_size=64,
                  num_workers=0, latent_norm="channel", results_dir="results"),
 }
 
