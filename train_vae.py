@@ -441,8 +441,6 @@ def main(args):
             scaler_disc.load_state_dict(resume_ckpt["scaler_disc"])
         if resume_ckpt.get("logvar") is not None and args.logvar is None:
             logvar = resume_ckpt["logvar"].to(device)
-        if ema is not None and resume_ckpt["ema"] is None:  # EMA switched on at resume: start from the weights
-            resume_ckpt["ema"] = resume_ckpt["model"]
         step = utils.restore_training(resume_ckpt, ae, ema, opt_ae, scaler_ae, rank, world_size, args.global_seed, logger)
         if len(resume_ckpt["rng"]) == world_size:
             rng.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in resume_ckpt["rng"][rank]["step_rng"]))
