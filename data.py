@@ -228,14 +228,21 @@ def _rotate(points, cx, cy, angle):
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
 
 
-def render_shape(index, image_size, seed=0, plain=False):
+# builtin:shapes-upright: each class in one orientation (square axis-aligned, triangle and star
+# pointing up, plus-shaped cross, tall diamond, arrow pointing right)
+UPRIGHT_ANGLES = {"square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2, "hexagon": -math.pi / 2,
+                  "diamond": math.pi / 2}
+
+
+def render_shape(index, image_size, seed=0, plain=False, upright=False):
     """Deterministic image `index` of the procedural dataset: (PIL RGB, label).
 
     A shape of class `index % 10`, random colour, size, rotation and position, on a textured
     background (colour gradient + stripes or checkers + noise). With `plain` the same class, colour
     and rotation (every random draw is kept), centred at one size on a flat background of the
-    gradient's mean colour: an easier set, where the class decides most of the image. Drawn at 4x
-    and box-downsampled so edges are anti-aliased at any resolution.
+    gradient's mean colour: an easier set, where the class decides most of the image. `upright`
+    (with `plain`) also fixes each class's rotation, leaving colour as the only variation. Drawn at
+    4x and box-downsampled so edges are anti-aliased at any resolution.
     """
     rng = random.Random(seed * 1_000_003 + index)
     label = index % len(SHAPE_CLASSES)
@@ -268,6 +275,8 @@ def render_shape(index, image_size, seed=0, plain=False):
     if plain:
         r, cx, cy = 0.32 * S, S / 2, S / 2
     name = SHAPE_CLASSES[label]
+    if upright:
+        angle = UPRIGHT_ANGLES.get(name, 0.0)
     if name == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
     elif name == "ring":
@@ -307,26 +316,28 @@ def render_shape(index, image_size, seed=0, plain=False):
 class ShapesDataset(torch.utils.data.Dataset):
     """`builtin:shapes[:N[:SEED]]`: N procedural images (default 10000) of 10 shape classes,
     identical for a seed on every machine; nothing to download. `builtin:shapes-plain` draws the
-    same classes, colours and rotations centred on flat backgrounds (an easier set for the CPU demos)."""
+    same classes, colours and rotations centred on flat backgrounds (an easier set for the CPU demos);
+    `builtin:shapes-upright` draws those upright, one orientation per class (the DiT demo's set)."""
 
     classes = SHAPE_CLASSES
     num_classes = len(SHAPE_CLASSES)
 
-    def __init__(self, num_images, image_size, seed=0, flip=False, plain=False):
-        self.num_images, self.image_size, self.seed, self.flip, self.plain = num_images, image_size, seed, flip, plain
+    def __init__(self, num_images, image_size, seed=0, flip=False, plain=False, upright=False):
+        self.num_images, self.image_size, self.seed, self.flip = num_images, image_size, seed, flip
+        self.plain, self.upright = plain or upright, upright
         self.epoch = 0
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, index):
-        img, label = render_shape(index, self.image_size, self.seed, self.plain)
+        img, label = render_shape(index, self.image_size, self.seed, self.plain, self.upright)
         if self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img), label
 
 
-BUILTIN_DATASETS = ("shapes", "shapes-plain")
+BUILTIN_DATASETS = ("shapes", "shapes-plain", "shapes-upright")
 
 
 def parse_builtin(spec):
@@ -334,7 +345,8 @@ def parse_builtin(spec):
     BUILTIN_DATASETS."""
     parts = spec.split(":")
     if len(parts) < 2 or parts[0] != "builtin" or parts[1] not in BUILTIN_DATASETS or len(parts) > 4:
-        raise ValueError(f"unknown built-in dataset {spec!r}: use builtin:shapes[:N[:SEED]] or builtin:shapes-plain[:N[:SEED]]")
+        raise ValueError(f"unknown built-in dataset {spec!r}: use builtin:NAME[:N[:SEED]] with NAME one of "
+                         f"{', '.join(BUILTIN_DATASETS)} (e.g. builtin:shapes:10000)")
     try:
         n = int(parts[2]) if len(parts) > 2 else 10000
         seed = int(parts[3]) if len(parts) > 3 else 0
@@ -349,7 +361,8 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
     `seed` seeds the augmentations (crops, flips); set `dataset.epoch` before each epoch."""
     if data_path.startswith("builtin:"):
         name, n, shape_seed = parse_builtin(data_path)
-        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, plain=name == "shapes-plain")
+        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, plain=name == "shapes-plain",
+                             upright=name == "shapes-upright")
     return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders,
                               min_size=min_size, seed=seed, min_crop_frac=min_crop_frac)
 

@@ -321,6 +321,14 @@ def check_args(args, world_size):
         utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
     if args.global_batch_size <= 0 or args.global_batch_size % world_size:
         utils.fail(f"--global-batch-size {args.global_batch_size} must be positive and divisible by the {world_size} processes")
+    if args.data_path and args.data_path.startswith("builtin:"):  # its size is known before any caching
+        try:
+            count = data.parse_builtin(args.data_path)[1]
+        except ValueError as e:
+            utils.fail(f"--data-path: {e}")
+        if count < args.global_batch_size:
+            utils.fail(f"--data-path {args.data_path} has {count} images, fewer than one --global-batch-size "
+                       f"{args.global_batch_size}")
     for flag in ("lr", "ema_decay", "class_dropout_prob", "grad_clip", "weight_decay", "proj_coeff"):
         value = getattr(args, flag)
         if not math.isfinite(value) or value < 0 or (flag in ("ema_decay", "class_dropout_prob") and value >= 1):
@@ -350,7 +358,7 @@ def check_args(args, world_size):
 def run_demo(args):
     """The README demo: the autoencoder of `train_vae.py --preset demo` (trained first when missing),
     its latents of builtin:shapes, and a small DiT whose sample grid shows the ten shape classes."""
-    if not os.path.isfile(args.vae):
+    if args.vae == PRESETS["demo"]["vae"] and not os.path.isfile(args.vae):  # only the demo's own autoencoder
         import train_vae
 
         print(f"demo: {args.vae} is missing, training it first (python train_vae.py --preset demo)", flush=True)
@@ -387,8 +395,9 @@ PRESETS = {
                       ckpt_every=2, sample_every=4, num_steps=4, grid_rows=1, cache_batch_size=8, num_workers=0,
                       results_dir="results"),
     # the README demo (see run_demo)
-    "demo": dict(vae="results/demo/eq-vae/autoencoder.pt", data_path="builtin:shapes-plain:10000", image_size=32,
-                 model="DiT-T/2", global_batch_size=32, max_steps=16000, lr=1e-3, ema_decay=0.999, log_every=1000,
+    # upright shapes without flips: one outline per class, so the small DiT's samples show the class
+    "demo": dict(vae="results/demo/eq-vae/autoencoder.pt", data_path="builtin:shapes-upright:10000", flip=False,
+                 image_size=32, model="DiT-T/2", global_batch_size=32, max_steps=16000, lr=1e-3, ema_decay=0.999, log_every=1000,
                  ckpt_every=16000, sample_every=16000, num_steps=50, cfg_scale=4.0, grid_rows=4, cache_batch_size=64,
                  num_workers=0, latent_norm="channel", results_dir="results"),
 }

@@ -127,6 +127,30 @@ def test_plain_shapes_are_centred_on_a_flat_background():
     assert not torch.equal(textured[0][0], plain[0][0])
 
 
+def test_upright_shapes_keep_one_outline_per_class():
+    """builtin:shapes-upright: image i has builtin:shapes-plain's image i colours; every image of a
+    class has the same coverage map (only colours vary), where the plain set rotates the shape. A
+    triangle points up: its coverage is wider at the bottom of the image than at the top."""
+    plain = data.make_dataset("builtin:shapes-plain:30:0", 64)
+    upright = data.make_dataset("builtin:shapes-upright:30:0", 64)
+
+    def coverage(x):  # x = background + alpha (colour - background) in each channel: alpha in [0, 1]
+        diff = (x - x[:, :1, :1]).abs().sum(0)
+        return diff / diff.max()
+
+    for i in range(10):
+        (p, y), (u, v) = plain[i], upright[i]
+        assert y == v == i % 10
+        assert torch.equal(p[:, 0, 0], u[:, 0, 0]) and torch.equal(p.flatten(1).amax(1), u.flatten(1).amax(1))
+        maps = [coverage(upright[i + 10 * k][0]) for k in range(3)]
+        assert all((m - maps[0]).abs().mean() < 0.02 for m in maps[1:]), data.SHAPE_CLASSES[i]
+    squares = [coverage(plain[1 + 10 * k][0]) for k in range(3)]
+    assert all((m - squares[0]).abs().mean() > 0.05 for m in squares[1:])  # the plain set rotates them
+    triangle = coverage(upright[2][0]).sum(1)
+    rows = torch.nonzero(triangle > 0.5).flatten()
+    assert triangle[rows[-1] - 2] > 3 * triangle[rows[0] + 2]
+
+
 def test_epoch_indices_shard_one_permutation():
     shards = [data.epoch_indices(103, epoch=2, seed=5, rank=r, world_size=4) for r in range(4)]
     assert all(len(s) == 25 for s in shards)  # 103 - 3 dropped, 25 each

@@ -270,4 +270,33 @@ def test_bad_input_fails_before_anything_is_written(cache, tmp_path):
     assert out.returncode == 2 and "--lr -1.0 is out of range" in out.stderr
     out = run_cli(["--preset", "tiny", "--latents", str(cache), "--sampler", "sde", "--results-dir", str(r)])
     assert out.returncode == 2 and "does not fit --objective diffusion" in out.stderr
+    out = run_cli(["--preset", "tiny", "--latents", str(tmp_path / "empty"), "--data-path", "builtin:shapes:2",
+                   "--results-dir", str(r)])  # refused before the 2 images are cached
+    assert out.returncode == 2 and "builtin:shapes:2 has 2 images, fewer than one --global-batch-size 4" in out.stderr
+    out = run_cli(["--preset", "tiny", "--latents", str(tmp_path / "empty"), "--data-path", "builtin:circles",
+                   "--results-dir", str(r)])
+    assert out.returncode == 2 and "--data-path: unknown built-in dataset 'builtin:circles'" in out.stderr
     assert not r.exists() and not (tmp_path / "empty").exists() and not (tmp_path / "vq" / "meta.json").exists()
+
+
+def test_demo_preset_runs_end_to_end_on_another_autoencoder(tmp_path):
+    """--preset demo with its data and steps shrunk: latents cached, DiT trained, the labelled grid
+    copied to demo-dit/samples.png; upright shapes are not flipped. A --vae that is not the demo's
+    own autoencoder is never replaced by a run of train_vae.py's demo."""
+    vae = tmp_path / "ae.pt"
+    models.save_autoencoder(models.load_autoencoder("scratch:tiny"), str(vae))
+    shrink = ["--data-path", "builtin:shapes-upright:40", "--max-steps", "2", "--ckpt-every", "2", "--sample-every", "2",
+              "--num-steps", "2", "--grid-rows", "1", "--log-every", "1", "--cache-batch-size", "40"]
+    out = run_cli(["--preset", "demo", "--vae", str(vae), *shrink, "--results-dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    demo = tmp_path / "demo-dit"
+    with open(demo / "run" / "args.json") as f:
+        args = json.load(f)
+    assert args["flip"] is False and args["model"] == "DiT-T/2" and args["latent_norm"] == "channel"
+    assert data.read_cache_meta(str(demo / "latents"))["count"] == 40
+    from PIL import Image
+    grid = Image.open(demo / "samples.png")
+    assert grid.width >= 10 * 32 and f"{demo}/samples.png" in out.stdout
+    out = run_cli(["--preset", "demo", "--vae", str(tmp_path / "missing.pt"), *shrink, "--results-dir", str(tmp_path / "m")])
+    assert out.returncode != 0 and "missing.pt" in out.stderr and "train_vae" not in out.stdout
+    assert not (tmp_path / "m" / "demo").exists()
