@@ -259,7 +259,7 @@ def check_args(args, world_size):
         if value is not None and (not math.isfinite(value) or value < 0 or (flag == "ema_decay" and value >= 1)):
             utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
     for flag in ("global_batch_size", "grad_accum", "epochs", "max_steps", "log_every", "ckpt_every", "eval_every",
-                 "num_eval_images"):
+                 "num_eval_images", "num_demo_eval", "demo_base_steps"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             utils.fail(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
@@ -580,10 +580,10 @@ def run_demo(args):
     results_dir = os.path.join(args.results_dir, "demo")
     if os.path.isdir(results_dir):
         shutil.rmtree(results_dir)
-    steps = args.max_steps
-    base = dict(vars(args), preset=None, results_dir=results_dir, max_steps=steps, eq_mode="implicit", eq_prob=0.0,
+    steps, base_steps = args.max_steps, args.demo_base_steps or args.max_steps
+    base = dict(vars(args), preset=None, results_dir=results_dir, max_steps=base_steps, eq_mode="implicit", eq_prob=0.0,
                 lowres_prob=0.0)
-    print(f"demo: {steps} standard steps, then {steps} more as control and as EQ-VAE (CPU, a few minutes)", flush=True)
+    print(f"demo: {base_steps} standard steps, then {steps} more as control and as EQ-VAE (CPU, a few minutes)", flush=True)
     base_dir = main(argparse.Namespace(**dict(base, run_dir=os.path.join(results_dir, "base"))))
     base_ckpt = os.path.join(base_dir, "checkpoints", "latest.pt")
     rows = {"base": base_dir}
@@ -593,7 +593,8 @@ def run_demo(args):
         shutil.copyfile(base_ckpt, os.path.join(branch_dir, "checkpoints", "latest.pt"))
         # the branches change the objective of the resumed base run on purpose
         changed = {"eq_mode", "eq_start", "max_steps", "lowres_prob"} | ({"eq_prob"} if eq_mode == "implicit" else set())
-        branch = dict(base, eq_mode=eq_mode, eq_prob=eq_prob, eq_start=steps, max_steps=2 * steps, lowres_prob=args.lowres_prob,
+        branch = dict(base, eq_mode=eq_mode, eq_prob=eq_prob, eq_start=base_steps, max_steps=base_steps + steps,
+                      lowres_prob=args.lowres_prob,
                       resume=os.path.join(branch_dir, "checkpoints", "latest.pt"), allow_changed_flags=True,
                       cli_flags=sorted(set(args.cli_flags) | changed))
         rows[name] = main(argparse.Namespace(**branch))
@@ -626,7 +627,7 @@ PRESETS = {
                  log_every=2, ckpt_every=2, eval_every=4, num_eval_images=4, results_dir="results"),
     # the README demo: standard objective, then control vs EQ-VAE branches (see run_demo)
     "demo": dict(vae="scratch:small", data_path="builtin:shapes-plain:20000", image_size=32, global_batch_size=16, grad_accum=1,
-                 max_steps=600, lr=1e-3, perceptual_weight=0.0, disc_weight=0.0, num_workers=0,
+                 demo_base_steps=1200, max_steps=600, lr=1e-3, perceptual_weight=0.0, disc_weight=0.0, num_workers=0,
                  antialias=True,  # a 0.25 downscale of a 32 px image without a low-pass is mostly aliasing
                  lowres_prob=0.25,  # the branches' (official) prior preservation: the scale error encodes 8 px images
                  log_every=100, ckpt_every=600, eval_every=600, num_eval_images=8, results_dir="results"),
@@ -742,6 +743,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=1000, help="steps between equivariance/PSNR checks and Figure 2 grids")
     p.add_argument("--num-eval-images", type=int, default=8, help="images in the fixed held-out batch")
     p.add_argument("--num-demo-eval", type=int, default=64, help="held-out images scored by --preset demo")
+    p.add_argument("--demo-base-steps", type=int, default=None,
+                   help="--preset demo: standard steps of the base before the two --max-steps branches (default: --max-steps)")
     p.add_argument("--export-diffusers", default=None, help="also write the final KL model as a diffusers AutoencoderKL folder here")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="tiny: CPU smoke run; demo: the README demo")
     args = p.parse_args(argv)

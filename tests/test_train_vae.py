@@ -443,16 +443,17 @@ def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):
 
 
 def test_demo_branches_continue_one_base_with_different_objectives(tmp_path):
-    """--preset demo on 2 steps: the control and EQ-VAE branches both resume the base's step-2
-    checkpoint with prior preservation on, only the EQ branch takes equivariance steps, and the
+    """--preset demo on 3 base steps and 2 per branch: the control and EQ-VAE branches both resume
+    the base's step-3 checkpoint with prior preservation on, only the EQ branch takes equivariance steps, and the
     table, JSON and labelled figures are written."""
-    out = run_cli(["--preset", "demo", "--max-steps", "2", "--eq-prob", "1", "--num-demo-eval", "4", "--log-every", "1",
+    out = run_cli(["--preset", "demo", "--demo-base-steps", "3", "--max-steps", "2", "--eq-prob", "1", "--num-demo-eval", "4", "--log-every", "1",
                    "--results-dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr[-3000:]
     demo = tmp_path / "demo"
     steps = {name: [(r["step"], r["train/eq_steps"]) for r in read_metrics(demo / name) if "train/loss" in r]
              for name in ("base", "control", "eq-vae")}
-    assert steps == {"base": [(1, 0.0), (2, 0.0)], "control": [(3, 0.0), (4, 0.0)], "eq-vae": [(3, 1.0), (4, 1.0)]}
+    assert steps == {"base": [(1, 0.0), (2, 0.0), (3, 0.0)], "control": [(4, 0.0), (5, 0.0)],
+                     "eq-vae": [(4, 1.0), (5, 1.0)]}
     # the base stands for the pretrained model: the prior preservation belongs to the fine-tuning branches
     lowres = {name: utils.load_checkpoint(str(demo / name / "checkpoints" / "latest.pt"))["args"]["lowres_prob"]
               for name in ("base", "control", "eq-vae")}
