@@ -366,9 +366,12 @@ def run_demo(args):
     demo_dir = os.path.join(args.results_dir, "demo-dit")
     if os.path.isdir(demo_dir):
         shutil.rmtree(demo_dir)
-    run_dir = main(argparse.Namespace(**dict(vars(args), preset=None, run_dir=os.path.join(demo_dir, "run"),
-                                             latents=os.path.join(demo_dir, "latents"))))
+    # --latents (e.g. a cache kept from an earlier demo) and --run-dir given on the command line win
+    folders = {k: os.path.join(demo_dir, name) for k, name in (("latents", "latents"), ("run_dir", "run"))
+               if k not in args.cli_flags}
+    run_dir = main(argparse.Namespace(**dict(vars(args), preset=None, **folders)))
     grid = os.path.join(run_dir, f"samples-{args.max_steps:07d}.png")
+    os.makedirs(demo_dir, exist_ok=True)
     shutil.copyfile(grid, os.path.join(demo_dir, "samples.png"))
     print(f"\nDiT demo: {args.model} trained {args.max_steps} steps on {args.data_path} latents of {args.vae}\n"
           f"samples (one column per class, EMA weights, {args.sampler} {args.num_steps} steps, cfg {args.cfg_scale}): "
