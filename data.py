@@ -234,16 +234,17 @@ UPRIGHT_ANGLES = {"square": math.pi / 4, "triangle": -math.pi / 2, "star": -math
                   "diamond": math.pi / 2}
 
 
-def render_shape(index, image_size, seed=0, plain=False, upright=False):
+def render_shape(index, image_size, seed=0, variant="shapes"):
     """Deterministic image `index` of the procedural dataset: (PIL RGB, label).
 
     A shape of class `index % 10`, random colour, size, rotation and position, on a textured
-    background (colour gradient + stripes or checkers + noise). With `plain` the same class, colour
-    and rotation (every random draw is kept), centred at one size on a flat background of the
-    gradient's mean colour: an easier set, where the class decides most of the image. `upright`
-    (with `plain`) also fixes each class's rotation, leaving colour as the only variation. Drawn at
-    4x and box-downsampled so edges are anti-aliased at any resolution.
+    background (colour gradient + stripes or checkers + noise). `variant` is a BUILTIN_DATASETS
+    name: "shapes-plain" draws the same class, colour and rotation (every random draw is kept),
+    centred at one size on a flat background of the gradient's mean colour: an easier set, where the
+    class decides most of the image; "shapes-upright" also fixes each class's rotation, leaving colour
+    as the only variation. Drawn at 4x and box-downsampled so edges are anti-aliased at any resolution.
     """
+    plain = variant != "shapes"
     rng = random.Random(seed * 1_000_003 + index)
     label = index % len(SHAPE_CLASSES)
     S = image_size * 4
@@ -275,7 +276,7 @@ def render_shape(index, image_size, seed=0, plain=False, upright=False):
     if plain:
         r, cx, cy = 0.32 * S, S / 2, S / 2
     name = SHAPE_CLASSES[label]
-    if upright:
+    if variant == "shapes-upright":
         angle = UPRIGHT_ANGLES.get(name, 0.0)
     if name == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
@@ -322,16 +323,15 @@ class ShapesDataset(torch.utils.data.Dataset):
     classes = SHAPE_CLASSES
     num_classes = len(SHAPE_CLASSES)
 
-    def __init__(self, num_images, image_size, seed=0, flip=False, plain=False, upright=False):
-        self.num_images, self.image_size, self.seed, self.flip = num_images, image_size, seed, flip
-        self.plain, self.upright = plain or upright, upright
+    def __init__(self, num_images, image_size, seed=0, flip=False, variant="shapes"):
+        self.num_images, self.image_size, self.seed, self.flip, self.variant = num_images, image_size, seed, flip, variant
         self.epoch = 0
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, index):
-        img, label = render_shape(index, self.image_size, self.seed, self.plain, self.upright)
+        img, label = render_shape(index, self.image_size, self.seed, self.variant)
         if self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img), label
@@ -361,8 +361,7 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
     `seed` seeds the augmentations (crops, flips); set `dataset.epoch` before each epoch."""
     if data_path.startswith("builtin:"):
         name, n, shape_seed = parse_builtin(data_path)
-        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, plain=name == "shapes-plain",
-                             upright=name == "shapes-upright")
+        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, variant=name)
     return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders,
                               min_size=min_size, seed=seed, min_crop_frac=min_crop_frac)
 
