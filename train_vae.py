@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -170,6 +171,14 @@ def eq_vae_objective(ae, disc, x, step, rng, args, logvar, lpips_net, loss_scale
     return loss, d_loss, terms, kind
 
 
+def decayed_lr(lr, step, max_steps, decay_steps):
+    """lr for this step: constant (the paper), or falling linearly to zero over the last
+    --lr-decay-steps steps, so that a short run ends on settled weights rather than one noisy step."""
+    if decay_steps <= 0:
+        return lr
+    return lr * min(1.0, (max_steps - step) / decay_steps)
+
+
 def build_optimizers(ae, disc, lr):
     """Adam(0.5, 0.9) for the autoencoder and the discriminator, as LDM. LDM's logvar is a parameter
     of its loss module that configure_optimizers never hands to Adam: it stays fixed, here too."""
@@ -253,11 +262,13 @@ def check_args(args, world_size):
                    f"remove --eq-prob")
     if "restore_optimizer" in args.cli_flags and args.resume:
         utils.fail("--restore-optimizer restores the starting --vae checkpoint's Adam; --resume restores its own: remove it")
-    for flag in ("lr", "base_lr", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor",
+    for flag in ("lr", "base_lr", "demo_base_lr", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor",
                  "explicit_weight", "max_grad_norm", "ema_decay"):
         value = getattr(args, flag)
         if value is not None and (not math.isfinite(value) or value < 0 or (flag == "ema_decay" and value >= 1)):
             utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
+    if args.lr_decay_steps < 0:
+        utils.fail(f"--lr-decay-steps {args.lr_decay_steps} is out of range: give 0 (constant lr) or a number of steps")
     for flag in ("global_batch_size", "grad_accum", "epochs", "max_steps", "log_every", "ckpt_every", "eval_every",
                  "num_eval_images", "num_demo_eval", "demo_base_steps"):
         value = getattr(args, flag)
@@ -447,8 +458,6 @@ def main(args):
         else:
             rng.seed(args.global_seed * 7919 + rank + 1_000_003 * step)
         logger.info(f"resumed from {resume_path} at step {step}")
-    for group in opt_ae.param_groups + opt_disc.param_groups:
-        group["lr"] = lr  # the command line's lr wins over the checkpoint's
     if world_size > 1:
         ae_ddp = DDP(ae, device_ids=[device.index] if device.type == "cuda" else None)
         disc_ddp = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None)
@@ -484,6 +493,9 @@ def main(args):
                     break
                 opt_ae.zero_grad(set_to_none=True)
                 opt_disc.zero_grad(set_to_none=True)
+                step_lr = decayed_lr(lr, step, max_steps, args.lr_decay_steps)
+                for group in opt_ae.param_groups + opt_disc.param_groups:
+                    group["lr"] = step_lr  # the command line's lr wins over a resumed checkpoint's
                 loss_scale = scaler_ae.get_scale() if scaler_ae.is_enabled() else 1.0
                 step_terms = {}
                 for micro in range(args.grad_accum):
@@ -533,7 +545,7 @@ def main(args):
                 count += 1
 
                 if step % args.log_every == 0 or step == max_steps:
-                    utils.log_interval(logger, step, max_steps, sums, count, time.time() - t0, lr, effective_batch, device)
+                    utils.log_interval(logger, step, max_steps, sums, count, time.time() - t0, step_lr, effective_batch, device)
                     sums, count, t0 = {}, 0, time.time()
                 if step % args.eval_every == 0 or step == max_steps:
                     target_model = ema if ema is not None else ae
@@ -571,33 +583,56 @@ def main(args):
 # ----------------------------------------------------------------------------- the demo
 
 
+def run_branch(branch, threads):
+    """One demo branch in its own process (the target of run_demo's workers)."""
+    torch.set_num_threads(threads)
+    main(argparse.Namespace(**branch))
+
+
 def run_demo(args):
     """The paper's Table 6 comparison in miniature: train a small KL autoencoder with the standard
     objective, then continue from that same state in two branches with the same steps and data
     order: a control (standard objective only) and EQ-VAE (--eq-start). The base stands for the
-    pretrained autoencoder, so it trains without the fine-tuning's low-resolution prior preservation
-    (--lowres-prob, which both branches use). Prints one table."""
+    pretrained autoencoder: it trains at --demo-base-lr without the fine-tuning's low-resolution
+    prior preservation (--lowres-prob, which both branches use). Every stage ends on an lr decaying
+    to zero (--lr-decay-steps), so the branches start from a settled base, as the paper's start
+    from a converged SD-VAE, and each table row scores settled weights. Prints one table."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # its branches are processes of their own
+        utils.fail("--preset demo runs in one process: start it with python, not torchrun")
     results_dir = os.path.join(args.results_dir, "demo")
     if os.path.isdir(results_dir):
         shutil.rmtree(results_dir)
     steps, base_steps = args.max_steps, args.demo_base_steps or args.max_steps
     base = dict(vars(args), preset=None, results_dir=results_dir, max_steps=base_steps, eq_mode="implicit", eq_prob=0.0,
-                lowres_prob=0.0)
+                lowres_prob=0.0, lr=args.demo_base_lr or args.lr)
     print(f"demo: {base_steps} standard steps, then {steps} more as control and as EQ-VAE (CPU, a few minutes)", flush=True)
     base_dir = main(argparse.Namespace(**dict(base, run_dir=os.path.join(results_dir, "base"))))
     base_ckpt = os.path.join(base_dir, "checkpoints", "latest.pt")
-    rows = {"base": base_dir}
+    rows, branches = {"base": base_dir}, {}
     for name, eq_mode, eq_prob in (("control", "implicit", 0.0), ("eq-vae", args.eq_mode, args.eq_prob)):
         branch_dir = os.path.join(results_dir, name)
         os.makedirs(os.path.join(branch_dir, "checkpoints"))
         shutil.copyfile(base_ckpt, os.path.join(branch_dir, "checkpoints", "latest.pt"))
         # the branches change the objective of the resumed base run on purpose
-        changed = {"eq_mode", "eq_start", "max_steps", "lowres_prob"} | ({"eq_prob"} if eq_mode == "implicit" else set())
+        changed = {"eq_mode", "eq_start", "max_steps", "lowres_prob", "lr"} | ({"eq_prob"} if eq_mode == "implicit" else set())
         branch = dict(base, eq_mode=eq_mode, eq_prob=eq_prob, eq_start=base_steps, max_steps=base_steps + steps,
-                      lowres_prob=args.lowres_prob,
+                      lowres_prob=args.lowres_prob, lr=args.lr,
                       resume=os.path.join(branch_dir, "checkpoints", "latest.pt"), allow_changed_flags=True,
                       cli_flags=sorted(set(args.cli_flags) | changed))
-        rows[name] = main(argparse.Namespace(**branch))
+        branches[name], rows[name] = branch, branch_dir
+    # the branches are independent: side by side, each on half the threads (on 2 cores, 1.5x
+    # sooner than one after the other on both); their log lines interleave, each has its log.txt
+    threads = max(1, torch.get_num_threads() // 2)
+    print(f"demo: control and EQ-VAE side by side, {threads} thread(s) each", flush=True)
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=run_branch, args=(branch, threads)) for branch in branches.values()]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    unfinished = [name for name in branches if not os.path.isfile(os.path.join(rows[name], "autoencoder.pt"))]
+    if unfinished:  # stopped (SIGTERM/SIGINT saves latest.pt) or failed: no table from a partial run
+        raise SystemExit(f"demo: the {' and '.join(unfinished)} branch did not finish; see {results_dir}/<branch>/log.txt")
     x = held_out_batch(argparse.Namespace(**dict(vars(args), num_eval_images=args.num_demo_eval)), None)
     table, trained = {}, {}
     for name, run_dir in rows.items():
@@ -627,7 +662,8 @@ PRESETS = {
                  log_every=2, ckpt_every=2, eval_every=4, num_eval_images=4, results_dir="results"),
     # the README demo: standard objective, then control vs EQ-VAE branches (see run_demo)
     "demo": dict(vae="scratch:small", data_path="builtin:shapes-plain:20000", image_size=32, global_batch_size=16, grad_accum=1,
-                 demo_base_steps=1200, max_steps=600, lr=1e-3, perceptual_weight=0.0, disc_weight=0.0, num_workers=0,
+                 demo_base_steps=1200, demo_base_lr=1e-3, max_steps=600, lr=5e-4, lr_decay_steps=600,  # fine-tuning at half the lr
+                 perceptual_weight=0.0, disc_weight=0.0, num_workers=0,
                  antialias=True,  # a 0.25 downscale of a 32 px image without a low-pass is mostly aliasing
                  lowres_prob=0.25,  # the branches' (official) prior preservation: the scale error encodes 8 px images
                  log_every=100, ckpt_every=600, eval_every=600, num_eval_images=8, results_dir="results"),
@@ -733,6 +769,8 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping of the autoencoder; 0 disables (LDM: off)")
     p.add_argument("--epochs", type=int, default=5, help="passes over --data-path (paper: 5)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr-decay-steps", type=int, default=0,
+                   help="decay the lr linearly to zero over the last N steps (0: constant, the paper)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="autocast dtype (default: the recipe's fp32, TF32 matmuls on GPU: the official run is fp32, and on an "
                    "H200 the kl-f8 step measured faster in TF32 than under bf16 autocast)")
@@ -745,6 +783,7 @@ def parse_args(argv=None):
     p.add_argument("--num-demo-eval", type=int, default=64, help="held-out images scored by --preset demo")
     p.add_argument("--demo-base-steps", type=int, default=None,
                    help="--preset demo: standard steps of the base before the two --max-steps branches (default: --max-steps)")
+    p.add_argument("--demo-base-lr", type=float, default=None, help="--preset demo: the base's lr (default: --lr, the branches')")
     p.add_argument("--export-diffusers", default=None, help="also write the final KL model as a diffusers AutoencoderKL folder here")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="tiny: CPU smoke run; demo: the README demo")
     args = p.parse_args(argv)

@@ -249,7 +249,8 @@ def test_tiny_smoke_two_processes_and_diffusers_export(tmp_path):
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    common = ["--preset", "tiny", "--max-steps", "4", "--ckpt-every", "2"]
+    # the lr decays over the last 3 steps: 1, 1, 2/3, 1/3 of 1e-4, a function of the step that resumes too
+    common = ["--preset", "tiny", "--max-steps", "4", "--ckpt-every", "2", "--lr-decay-steps", "3", "--log-every", "1"]
     assert run_cli([*common, "--run-dir", str(full)]).returncode == 0
     (resumed / "checkpoints").mkdir(parents=True)
     os.link(full / "checkpoints" / "0000002.pt", resumed / "checkpoints" / "0000002.pt")
@@ -263,6 +264,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert torch.equal(a["logvar"], b["logvar"])
     assert a["logvar"].item() == 0.0  # LDM never optimises its log-variance
     assert a["step"] == b["step"] == 4
+    lrs = {run: {r["step"]: r["train/lr"] for r in read_metrics(run) if "train/lr" in r} for run in (full, resumed)}
+    assert lrs[full] == pytest.approx({1: 1e-4, 2: 1e-4, 3: 2e-4 / 3, 4: 1e-4 / 3})
+    assert lrs[resumed] == pytest.approx({3: 2e-4 / 3, 4: 1e-4 / 3})
+    assert b["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / 3)
     # a checkpoint outside a checkpoints/ folder: its own folder is the run folder. The
     # discriminator's shape is the checkpoint's; objective flags change only when allowed
     (tmp_path / "loose").mkdir()
@@ -396,7 +401,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, planted
     assert not (run / "checkpoints" / "0000003.pt").exists()
 
 
-def test_bad_input_fails_before_training(tmp_path):
+def test_bad_input_fails_before_training(tmp_path, capsys):
     out = run_cli(["--preset", "tiny", "--data-path", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path / "r")])
     assert out.returncode == 2 and "--data-path" in out.stderr and "nowhere" in out.stderr
     assert not (tmp_path / "r").exists()  # nothing written
@@ -414,6 +419,9 @@ def test_bad_input_fails_before_training(tmp_path):
         train_vae.check_args(train_vae.parse_args(["--preset", "tiny", "--global-batch-size", "3"]), world_size=2)
     with pytest.raises(SystemExit):
         train_vae.parse_args(["--preset", "tiny", "--eq-angles", "45"])
+    with pytest.raises(SystemExit):
+        train_vae.check_args(train_vae.parse_args(["--preset", "tiny", "--lr-decay-steps", "-1"]), world_size=1)
+    assert "--lr-decay-steps -1 is out of range" in capsys.readouterr().err
     out = run_cli(["--preset", "tiny", "--lr", "-1", "--results-dir", str(tmp_path / "r")])
     assert out.returncode == 2 and "--lr -1.0 is out of range" in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "noise.ckpt").write_bytes(bytes(range(256)) * 8)
@@ -445,15 +453,19 @@ def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):
 def test_demo_branches_continue_one_base_with_different_objectives(tmp_path):
     """--preset demo on 3 base steps and 2 per branch: the control and EQ-VAE branches both resume
     the base's step-3 checkpoint with prior preservation on, only the EQ branch takes equivariance steps, and the
-    table, JSON and labelled figures are written."""
+    table, JSON and labelled figures are written. The base trains at --demo-base-lr, the branches at
+    --lr, each stage's lr decaying over its last --lr-decay-steps."""
     out = run_cli(["--preset", "demo", "--demo-base-steps", "3", "--max-steps", "2", "--eq-prob", "1", "--num-demo-eval", "4", "--log-every", "1",
-                   "--results-dir", str(tmp_path)])
+                   "--lr-decay-steps", "2", "--results-dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr[-3000:]
     demo = tmp_path / "demo"
-    steps = {name: [(r["step"], r["train/eq_steps"]) for r in read_metrics(demo / name) if "train/loss" in r]
-             for name in ("base", "control", "eq-vae")}
+    records = {name: [r for r in read_metrics(demo / name) if "train/loss" in r] for name in ("base", "control", "eq-vae")}
+    steps = {name: [(r["step"], r["train/eq_steps"]) for r in rs] for name, rs in records.items()}
     assert steps == {"base": [(1, 0.0), (2, 0.0), (3, 0.0)], "control": [(4, 0.0), (5, 0.0)],
                      "eq-vae": [(4, 1.0), (5, 1.0)]}
+    lrs = {name: [r["train/lr"] for r in rs] for name, rs in records.items()}
+    assert lrs["base"] == pytest.approx([1e-3, 1e-3, 5e-4])
+    assert lrs["control"] == lrs["eq-vae"] == pytest.approx([5e-4, 2.5e-4])
     # the base stands for the pretrained model: the prior preservation belongs to the fine-tuning branches
     lowres = {name: utils.load_checkpoint(str(demo / name / "checkpoints" / "latest.pt"))["args"]["lowres_prob"]
               for name in ("base", "control", "eq-vae")}
