@@ -358,18 +358,20 @@ def check_args(args, world_size):
 def run_demo(args):
     """The README demo: the autoencoder of `train_vae.py --preset demo` (trained first when missing),
     its latents of builtin:shapes, and a small DiT whose sample grid shows the ten shape classes."""
+    demo_dir = os.path.join(args.results_dir, "demo-dit")
+    # --latents (e.g. a cache kept from an earlier demo) and --run-dir given on the command line win
+    folders = {k: os.path.join(demo_dir, name) for k, name in (("latents", "latents"), ("run_dir", "run"))
+               if k not in args.cli_flags}
+    demo_args = argparse.Namespace(**dict(vars(args), preset=None, **folders))
+    check_args(demo_args, int(os.environ.get("WORLD_SIZE", 1)))  # before the autoencoder demo and any deletion
     if args.vae == PRESETS["demo"]["vae"] and not os.path.isfile(args.vae):  # only the demo's own autoencoder
         import train_vae
 
         print(f"demo: {args.vae} is missing, training it first (python train_vae.py --preset demo)", flush=True)
         train_vae.run_demo(train_vae.parse_args(["--preset", "demo"]))
-    demo_dir = os.path.join(args.results_dir, "demo-dit")
     if os.path.isdir(demo_dir):
         shutil.rmtree(demo_dir)
-    # --latents (e.g. a cache kept from an earlier demo) and --run-dir given on the command line win
-    folders = {k: os.path.join(demo_dir, name) for k, name in (("latents", "latents"), ("run_dir", "run"))
-               if k not in args.cli_flags}
-    run_dir = main(argparse.Namespace(**dict(vars(args), preset=None, **folders)))
+    run_dir = main(demo_args)
     grid = os.path.join(run_dir, f"samples-{args.max_steps:07d}.png")
     os.makedirs(demo_dir, exist_ok=True)
     shutil.copyfile(grid, os.path.join(demo_dir, "samples.png"))

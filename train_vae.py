@@ -599,6 +599,7 @@ def run_demo(args):
     from a converged SD-VAE, and each table row scores settled weights. Prints one table."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # its branches are processes of their own
         utils.fail("--preset demo runs in one process: start it with python, not torchrun")
+    check_args(args, world_size=1)  # a bad flag fails before the previous demo's folder is replaced
     results_dir = os.path.join(args.results_dir, "demo")
     if os.path.isdir(results_dir):
         shutil.rmtree(results_dir)

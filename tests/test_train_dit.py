@@ -307,3 +307,17 @@ def test_demo_preset_runs_end_to_end_on_another_autoencoder(tmp_path):
     out = run_cli(["--preset", "demo", "--vae", str(tmp_path / "missing.pt"), *shrink, "--results-dir", str(tmp_path / "m")])
     assert out.returncode != 0 and "missing.pt" in out.stderr and "train_vae" not in out.stdout
     assert not (tmp_path / "m" / "demo").exists()
+
+
+def test_demo_bad_flag_fails_before_the_autoencoder_demo_or_any_deletion(tmp_path, capsys):
+    """A bad flag to --preset demo is refused before train_vae's demo would build a missing
+    autoencoder and before the previous demo's folder is replaced."""
+    (tmp_path / "demo-dit").mkdir()
+    (tmp_path / "demo-dit" / "samples.png").write_bytes(b"kept")
+    args = train_dit.parse_args(["--preset", "demo", "--lr", "-1", "--vae", "results/demo/eq-vae/autoencoder.pt",
+                                 "--results-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        train_dit.run_demo(args)
+    out = capsys.readouterr()
+    assert "--lr -1.0 is out of range" in out.err and "training it first" not in out.out
+    assert (tmp_path / "demo-dit" / "samples.png").read_bytes() == b"kept"

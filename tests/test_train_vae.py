@@ -422,6 +422,12 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_vae.check_args(train_vae.parse_args(["--preset", "tiny", "--lr-decay-steps", "-1"]), world_size=1)
     assert "--lr-decay-steps -1 is out of range" in capsys.readouterr().err
+    (tmp_path / "demo").mkdir()  # the demo refuses a bad flag before it replaces its previous folder
+    (tmp_path / "demo" / "demo.json").write_text("kept")
+    with pytest.raises(SystemExit):
+        train_vae.run_demo(train_vae.parse_args(["--preset", "demo", "--demo-base-lr", "-1", "--results-dir", str(tmp_path)]))
+    assert "--demo-base-lr -1.0 is out of range" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "demo.json").read_text() == "kept"
     out = run_cli(["--preset", "tiny", "--lr", "-1", "--results-dir", str(tmp_path / "r")])
     assert out.returncode == 2 and "--lr -1.0 is out of range" in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "noise.ckpt").write_bytes(bytes(range(256)) * 8)
