@@ -221,11 +221,8 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # data: each rank reads its shard of one seeded permutation per epoch
-    per_rank = args.global_batch_size // world_size
-    steps_per_epoch = len(dataset) // world_size // per_rank
-    if steps_per_epoch == 0:
-        utils.fail(f"the cache holds {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
-    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    per_rank, steps_per_epoch, max_steps = utils.epoch_plan(len(dataset), f"the cache {args.latents}", args.global_batch_size,
+                                                            world_size, args.max_steps, args.epochs)
     logger.info(f"{len(dataset)} cached images, {steps_per_epoch} steps per epoch, {max_steps} steps, "
                 f"global batch {args.global_batch_size}")
 
@@ -273,15 +270,9 @@ def main(args):
                     if encoders:  # REPA: loss + lambda * alignment (lambda = --proj-coeff, 0.5)
                         loss_proj = diffusion.alignment_loss(terms["projected"], targets).mean()
                         loss_total = loss + args.proj_coeff * loss_proj
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss_total).backward()
-                scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-                nonfinite, stop_now = utils.step_flags([loss_total.detach(), grad_norm], stop.requested, device)
-                if nonfinite:
-                    utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
-                scaler.step(opt)
-                scaler.update()
+                grad_norm, stop_now = utils.optimizer_step(loss_total, model.parameters(), opt, scaler, args.grad_clip, stop,
+                                                           device, logger, step, ckpt_dir,
+                                                           "Lower --lr, set --grad-clip or use --precision fp32")
                 utils.update_ema(ema, model, args.ema_decay)
                 step += 1
                 logged = [("loss", loss), ("grad_norm", grad_norm)] + ([("loss_proj", loss_proj)] if encoders else [])
@@ -302,9 +293,7 @@ def main(args):
                         logger.info(f"sample grid {path}")
                     utils.barrier()
                 if stop_now:
-                    logger.info(f"stop requested (SIGTERM/SIGINT): saved {ckpt_dir}/latest.pt at step {step}; "
-                                f"continue with --resume {run_dir}")
-                    raise SystemExit(0)
+                    utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
         logger.info(f"done: {ckpt_dir}/latest.pt; sample with: python sample.py --ckpt {ckpt_dir}/latest.pt")
     finally:
         logger.close()

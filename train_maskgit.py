@@ -175,11 +175,8 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # data: each rank reads its shard of one seeded permutation per epoch
-    per_rank = args.global_batch_size // world_size
-    steps_per_epoch = len(dataset) // world_size // per_rank
-    if steps_per_epoch == 0:
-        utils.fail(f"the cache holds {len(dataset)} images, fewer than one global batch of {args.global_batch_size}")
-    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    per_rank, steps_per_epoch, max_steps = utils.epoch_plan(len(dataset), f"the cache {args.tokens}", args.global_batch_size,
+                                                            world_size, args.max_steps, args.epochs)
     logger.info(f"{len(dataset)} cached images, {steps_per_epoch} steps per epoch, {max_steps} steps, "
                 f"global batch {args.global_batch_size}, {args.warmup_steps} warm-up steps")
 
@@ -217,15 +214,9 @@ def main(args):
                 y = torch.where(torch.rand(y.shape, device=device) < args.class_dropout_prob, model.num_classes, y)
                 with torch.autocast(**autocast):
                     loss, logits = masked_token_loss(train_model, z, y, mask, model.mask_token, args.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-                nonfinite, stop_now = utils.step_flags([loss.detach(), grad_norm], stop.requested, device)
-                if nonfinite:
-                    utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
-                scaler.step(opt)
-                scaler.update()
+                grad_norm, stop_now = utils.optimizer_step(loss, model.parameters(), opt, scaler, args.grad_clip, stop,
+                                                           device, logger, step, ckpt_dir,
+                                                           "Lower --lr, set --grad-clip or use --precision fp32")
                 if ema is not None:
                     utils.update_ema(ema, model, args.ema_decay)
                 step += 1
@@ -248,9 +239,7 @@ def main(args):
                         logger.info(f"sample grid {path}")
                     utils.barrier()
                 if stop_now:
-                    logger.info(f"stop requested (SIGTERM/SIGINT): saved {ckpt_dir}/latest.pt at step {step}; "
-                                f"continue with --resume {run_dir}")
-                    raise SystemExit(0)
+                    utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
         logger.info(f"done: {ckpt_dir}/latest.pt; sample with: python sample.py --ckpt {ckpt_dir}/latest.pt")
     finally:
         logger.close()

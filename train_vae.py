@@ -432,12 +432,8 @@ def main(args):
     logger.info(f"lr {lr:.3g} (effective batch {effective_batch} = {args.global_batch_size} x {args.grad_accum} accumulation)")
 
     # data: each rank reads its shard of one seeded permutation per epoch
-    per_rank = args.global_batch_size // world_size
-    steps_per_epoch = len(dataset) // world_size // (per_rank * args.grad_accum)
-    if steps_per_epoch == 0:
-        utils.fail(f"--data-path {args.data_path} has {len(dataset)} images, fewer than one step of "
-                   f"{effective_batch}: lower --global-batch-size or --grad-accum")
-    max_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    per_rank, steps_per_epoch, max_steps = utils.epoch_plan(len(dataset), f"--data-path {args.data_path}", args.global_batch_size,
+                                                            world_size, args.max_steps, args.epochs, args.grad_accum)
     eval_x = eval_x.to(device)
     logger.info(f"{len(dataset)} images, {steps_per_epoch} steps per epoch, {max_steps} steps")
 
@@ -558,10 +554,8 @@ def main(args):
                     utils.barrier()
                 if step % args.ckpt_every == 0 or step == max_steps or stop_now:
                     save()
-                if stop_now:
-                    logger.info(f"stop requested (SIGTERM/SIGINT): saved {ckpt_dir}/latest.pt at step {step}; "
-                                f"continue with --resume {ckpt_dir}/latest.pt")
-                    raise SystemExit(0)  # a clean stop; also ends --preset demo, which would otherwise go on
+                if stop_now:  # a clean exit, which also ends --preset demo, which would otherwise go on
+                    utils.exit_on_stop(logger, ckpt_dir, step, f"{ckpt_dir}/latest.pt")
 
         # final weights in our format (EMA when used), plus the diffusers export
         final = ema if ema is not None else ae

@@ -407,6 +407,43 @@ def stop_nonfinite(logger, step, ckpt_dir, advice, what="loss or gradient"):
     raise SystemExit(3)
 
 
+def optimizer_step(loss, params, opt, scaler, max_norm, stop, device, logger, step, ckpt_dir, advice):
+    """Backward, clip, check, update: the step of the one-network trainers. The check (step_flags)
+    covers the loss and the gradient norm; under fp16 the loss only, since an inf gradient there is
+    the scaler's cue to skip the update and lower its scale, not an error. A NaN/inf stops the run
+    before the update is applied. Returns (gradient norm before clipping, stop requested)."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    checks = [loss.detach()] + ([] if scaler.is_enabled() else [grad_norm])
+    nonfinite, stop_now = step_flags(checks, stop.requested, device)
+    if nonfinite:
+        stop_nonfinite(logger, step, ckpt_dir, advice)
+    scaler.step(opt)
+    scaler.update()
+    return grad_norm, stop_now
+
+
+def exit_on_stop(logger, ckpt_dir, step, resume_from):
+    """After the checkpoint of a step where a stop was requested: say how to continue, exit 0."""
+    logger.info(f"stop requested (SIGTERM/SIGINT): saved {ckpt_dir}/latest.pt at step {step}; "
+                f"continue with --resume {resume_from}")
+    raise SystemExit(0)
+
+
+def epoch_plan(num_items, source, global_batch_size, world_size, max_steps, epochs, grad_accum=1):
+    """(per-rank batch, steps per epoch, total steps): each rank takes global_batch_size / world_size
+    items per micro-batch, an epoch drops its remainder, and --max-steps wins over --epochs. Fails,
+    naming `source`, when the data holds less than one step."""
+    per_rank = global_batch_size // world_size
+    steps_per_epoch = num_items // world_size // (per_rank * grad_accum)
+    if steps_per_epoch == 0:
+        fail(f"{source} holds {num_items} images, fewer than one step of {global_batch_size * grad_accum}: lower "
+             f"--global-batch-size" + (" or --grad-accum" if grad_accum > 1 else ""))
+    return per_rank, steps_per_epoch, max_steps if max_steps is not None else epochs * steps_per_epoch
+
+
 def grid_labels(num_classes, columns=10):
     """Up to `columns` classes spread evenly over the label range, one grid column each."""
     cols = min(columns, num_classes)
