@@ -211,9 +211,10 @@ def _count_flops(fn):
 
 
 def bench_train_dit(args):
-    """One DiT training step (DDPM loss with learned sigma, backward, AdamW, EMA) and one SiT step
-    (linear velocity loss), fp32 and bf16 autocast, interleaved with the official DiT code's fp32
-    step when --official-dit points at a clone of it (same weights, same diffusion). FLOPs are
+    """One DiT training step as train_dit.py takes it (DDPM loss with learned sigma, backward,
+    gradient norm and NaN check, AdamW, EMA) and one SiT step (linear velocity loss), fp32 and bf16
+    autocast, interleaved with the official DiT code's fp32 step when --official-dit points at a
+    clone of it (same weights, same diffusion). FLOPs are
     counted on the real step; MFU is against the measured peak of a large matmul and, on GPU, the
     datasheet bf16 peak of H100/H200 (989 TFLOP/s dense). CPU: DiT-S/2 at 4x32x32, batch 8;
     GPU: DiT-XL/2 at 4x32x32 (256 px), batch 32; --preset tiny: DiT-T/2 at 4x8x8, batch 8."""
@@ -237,6 +238,7 @@ def bench_train_dit(args):
     x = torch.randn(batch, 4, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     steps, flops = {}, {}
+    no_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 train without one
     for family in ("DiT", "SiT"):
         precisions = ("fp32", "bf16") if family == "DiT" else ("bf16",)
         for precision in precisions:
@@ -249,9 +251,7 @@ def bench_train_dit(args):
             def step(model=model, ema=ema, opt=opt, objective=objective, precision=precision):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     loss = objective.training_losses(model, x, y)["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                U.optimizer_step(loss, model.parameters(), opt, no_scaler, 0.0, False, device)  # train_dit.py's step
                 U.update_ema(ema, model, 0.9999)
 
             key = f"{family.lower()}_{precision}"
@@ -327,6 +327,7 @@ def bench_train_repa(args):
     images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, device=device)
     objective = D.Transport("linear", "velocity", "repa")
     steps, flops = {}, {}
+    no_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 train without one
     for variant in ("sit", "repa"):
         for precision in ("fp32", "bf16"):
             z_dims = [encoder.embed_dim] if variant == "repa" else ()
@@ -346,12 +347,8 @@ def bench_train_repa(args):
                         loss = loss + 0.5 * D.alignment_loss(terms["projected"], targets).mean()
                 return loss
 
-            def step(model=model, ema=ema, opt=opt, loss_of=loss_of):
-                loss = loss_of()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+            def step(model=model, ema=ema, opt=opt, loss_of=loss_of):  # train_dit.py's step with REPA's clipping
+                U.optimizer_step(loss_of(), model.parameters(), opt, no_scaler, 1.0, False, device)
                 U.update_ema(ema, model, 0.9999)
 
             key = f"{variant}_{precision}"
@@ -421,6 +418,7 @@ def bench_train_maskgit(args):
     MFU against the measured matmul peak as bench_train_dit (on GPU also the 989 TFLOP/s datasheet)."""
     import models as M
     import train_maskgit
+    import utils as U
 
     device = torch.device(args.device)
     name, side, batch = _maskgit_size(args, device)
@@ -431,6 +429,7 @@ def bench_train_maskgit(args):
     z = torch.randint(0, 1024, (batch, side, side), device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     steps, flops = {}, {}
+    no_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 train without one
     for precision in ("fp32", "bf16"):
         model = M.MaskGIT_models[name](input_size=side).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=1e-5, fused=True)
@@ -441,12 +440,8 @@ def bench_train_maskgit(args):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 return train_maskgit.masked_token_loss(model, z, labels, mask, model.mask_token, 0.1)[0]
 
-        def step(model=model, opt=opt, loss_of=loss_of):
-            loss = loss_of()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        def step(model=model, opt=opt, loss_of=loss_of):  # train_maskgit.py's step with v1.0's clipping
+            U.optimizer_step(loss_of(), model.parameters(), opt, no_scaler, 1.0, False, device)
 
         steps[precision] = step
         flops[precision] = _count_flops(lambda loss_of=loss_of: loss_of().backward())

@@ -270,9 +270,10 @@ def main(args):
                     if encoders:  # REPA: loss + lambda * alignment (lambda = --proj-coeff, 0.5)
                         loss_proj = diffusion.alignment_loss(terms["projected"], targets).mean()
                         loss_total = loss + args.proj_coeff * loss_proj
-                grad_norm, stop_now = utils.optimizer_step(loss_total, model.parameters(), opt, scaler, args.grad_clip, stop,
-                                                           device, logger, step, ckpt_dir,
-                                                           "Lower --lr, set --grad-clip or use --precision fp32")
+                grad_norm, nonfinite, stop_now = utils.optimizer_step(loss_total, model.parameters(), opt, scaler,
+                                                                      args.grad_clip, stop.requested, device)
+                if nonfinite:
+                    utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
                 utils.update_ema(ema, model, args.ema_decay)
                 step += 1
                 logged = [("loss", loss), ("grad_norm", grad_norm)] + ([("loss_proj", loss_proj)] if encoders else [])

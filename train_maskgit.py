@@ -214,9 +214,10 @@ def main(args):
                 y = torch.where(torch.rand(y.shape, device=device) < args.class_dropout_prob, model.num_classes, y)
                 with torch.autocast(**autocast):
                     loss, logits = masked_token_loss(train_model, z, y, mask, model.mask_token, args.label_smoothing)
-                grad_norm, stop_now = utils.optimizer_step(loss, model.parameters(), opt, scaler, args.grad_clip, stop,
-                                                           device, logger, step, ckpt_dir,
-                                                           "Lower --lr, set --grad-clip or use --precision fp32")
+                grad_norm, nonfinite, stop_now = utils.optimizer_step(loss, model.parameters(), opt, scaler,
+                                                                      args.grad_clip, stop.requested, device)
+                if nonfinite:
+                    utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
                 if ema is not None:
                     utils.update_ema(ema, model, args.ema_decay)
                 step += 1

@@ -407,22 +407,22 @@ def stop_nonfinite(logger, step, ckpt_dir, advice, what="loss or gradient"):
     raise SystemExit(3)
 
 
-def optimizer_step(loss, params, opt, scaler, max_norm, stop, device, logger, step, ckpt_dir, advice):
-    """Backward, clip, check, update: the step of the one-network trainers. The check (step_flags)
-    covers the loss and the gradient norm; under fp16 the loss only, since an inf gradient there is
-    the scaler's cue to skip the update and lower its scale, not an error. A NaN/inf stops the run
-    before the update is applied. Returns (gradient norm before clipping, stop requested)."""
+def optimizer_step(loss, params, opt, scaler, max_norm, stop_requested, device):
+    """Backward, clip, check, update: the step of the one-network trainers (and of bench.py). The
+    check (step_flags) covers the loss and the gradient norm; under fp16 the loss only, since an
+    inf gradient there is the scaler's cue to skip the update and lower its scale, not an error.
+    After a NaN/inf the update is not applied. Returns (gradient norm before clipping, non-finite,
+    stop requested on any rank)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
     checks = [loss.detach()] + ([] if scaler.is_enabled() else [grad_norm])
-    nonfinite, stop_now = step_flags(checks, stop.requested, device)
-    if nonfinite:
-        stop_nonfinite(logger, step, ckpt_dir, advice)
-    scaler.step(opt)
-    scaler.update()
-    return grad_norm, stop_now
+    nonfinite, stop_now = step_flags(checks, stop_requested, device)
+    if not nonfinite:
+        scaler.step(opt)
+        scaler.update()
+    return grad_norm, nonfinite, stop_now
 
 
 def exit_on_stop(logger, ckpt_dir, step, resume_from):
