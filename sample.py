@@ -122,6 +122,9 @@ def main(args):
         if (recipe["objective"]["kind"] == "diffusion") != (args.sampler in ("ddpm", "ddim")):
             utils.fail(f"--sampler {args.sampler} does not fit this {recipe['objective']['kind']} model "
                        f"(diffusion: ddpm, ddim; transport: euler, heun, sde)")
+        if recipe["objective"]["kind"] == "diffusion" and args.num_steps > objective.num_timesteps:
+            utils.fail(f"--num-steps {args.num_steps}: the diffusion samplers take at most the model's "
+                       f"{objective.num_timesteps} training timesteps")
     if args.class_labels and any(not 0 <= c < model.num_classes for c in args.class_labels):
         utils.fail(f"--class-labels must lie in [0, {model.num_classes - 1}]")
     coder = recipe["tokens"] if maskgit else recipe["latent"]  # the autoencoder the model was trained on
@@ -183,7 +186,9 @@ def main(args):
             utils.write_json(settings_path, settings)
     utils.barrier()
     if not os.path.isfile(out_path):
-        chunks = todo_chunks(args.num_samples, chunk_files(args.sample_dir), args.per_proc_batch_size)
+        # rank 0 lists what is left for all: a rank listing later could see a chunk another already wrote
+        chunks = utils.broadcast_object(todo_chunks(args.num_samples, chunk_files(args.sample_dir), args.per_proc_batch_size)
+                                        if rank == 0 else None)
         mine = chunks[rank::world_size]
         for start, end in tqdm(mine, desc="sampling", disable=rank != 0):
             images, labels = sample_batch(model, objective, ae, recipe, list(range(start, end)), None, args, device, autocast)
@@ -277,7 +282,7 @@ def parse_args(argv=None):
     if args.preset:
         p.set_defaults(**{**PRESETS, **SAMPLER_PRESETS}[args.preset])
         args = p.parse_args(argv)  # flags given on the command line still win over the preset
-    for flag in ("num_samples", "per_proc_batch_size", "num_steps", "grid_rows"):
+    for flag in ("num_samples", "per_proc_batch_size", "num_steps", "grid_rows", "cfg_channels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")
     for flag in ("r_temp", "sm_temp", "cfg_scale"):

@@ -138,14 +138,14 @@ def save_sample_grid(model, recipe, objective, ae, path, args, device):
 
 def main(args):
     rank, world_size, device = utils.setup_distributed()
-    check_args(args, world_size)
-    utils.seed_everything(args.global_seed)  # identical initial weights on every rank
-    precision, autocast = utils.precision_setup(args.precision, device)
-
-    # resume: the architecture, objective and data come from the checkpoint's arguments
+    # resume: the architecture, objective and data come from the checkpoint's arguments, and so do the flags
+    # not given now (checked and applied with the rest: precision, batch size, ...)
     resume_path, resume_ckpt = utils.resume_args(args, FIXED_ON_RESUME) if args.resume else (None, None)
     if resume_path:
         args.data_path = None  # the cache exists: never rebuilt on resume
+    check_args(args, world_size)
+    utils.seed_everything(args.global_seed)  # a scratch autoencoder for the cache: the same weights every time
+    precision, autocast = utils.precision_setup(args.precision, device)
 
     # REPA's encoders (downloads fail here, before the cache is built), the latents (built on first
     # use), then the network, before anything is written
@@ -159,6 +159,7 @@ def main(args):
                            time_input="repa" if args.repa else "sit"))
     repa = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                 qk_norm=args.qk_norm) if args.repa else dict(qk_norm=args.qk_norm)
+    utils.seed_everything(args.global_seed)  # the initial weights depend on the seed only, not on what caching drew
     try:
         model = models.build_generator(args.model, input_size=h, in_channels=C, num_classes=meta["num_classes"],
                                        learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout_prob, **repa)
@@ -190,11 +191,16 @@ def main(args):
         notes.append(f"starting weights from {args.init_from}")
     objective = diffusion.make_objective(objective_spec, model)
     if args.sample_every > 0 and ae is None and rank == 0:
+        # the cache's autoencoder, unless --vae is given (a preset's scratch: spec would draw new weights)
+        vae = args.vae if "vae" in args.cli_flags else meta["vae"]
         try:
-            ae = models.load_autoencoder(args.vae or meta["vae"], args.trust_checkpoint).to(device).eval()
+            ae = models.load_autoencoder(vae, args.trust_checkpoint).to(device).eval()
         except (OSError, KeyError, ValueError, RuntimeError) as e:
-            utils.fail(f"sample grids decode with the cache's autoencoder {args.vae or meta['vae']}, which failed to "
-                       f"load ({e}): pass --vae, or --sample-every 0")
+            utils.fail(f"sample grids decode with the cache's autoencoder {vae}, which failed to load ({e}): pass "
+                       f"--vae, or --sample-every 0")
+        if data.weights_hash(ae) != meta["vae_hash"]:
+            utils.fail(f"sample grids decode with {vae}, whose weights are not those the cache was built with "
+                       f"(weights hash differs): pass the cache's autoencoder as --vae, or --sample-every 0")
     dataset = data.LatentDataset(args.latents, flip=args.flip, seed=args.global_seed, images=args.repa)
 
     # run folder, logger, args.json
@@ -324,9 +330,15 @@ def check_args(args, world_size):
         if not math.isfinite(value) or value < 0 or (flag in ("ema_decay", "class_dropout_prob") and value >= 1):
             utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
     for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size", "encoder_depth",
-                 "projector_dim"):
-        if getattr(args, flag) <= 0:
+                 "projector_dim", "image_size", "epochs", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             utils.fail(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.num_workers < 0:
+        utils.fail("--num-workers must be 0 (load in the training process) or more")
+    if not math.isfinite(args.cfg_scale):
+        utils.fail(f"--cfg-scale {args.cfg_scale} is not a number")
+    if args.objective == "diffusion" and args.num_steps > 1000:
+        utils.fail(f"--num-steps {args.num_steps}: the diffusion samplers take at most the 1000 training timesteps")
     if args.repa:
         if args.objective != "transport" or not args.model.startswith("SiT"):
             utils.fail(f"--repa trains a SiT with the interpolant (REPA's recipe): use a SiT-* --model, not {args.model} "

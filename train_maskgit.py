@@ -117,18 +117,19 @@ def save_sample_grid(model, ae, class_names, path, args, device):
 
 def main(args):
     rank, world_size, device = utils.setup_distributed()
-    check_args(args, world_size)
-    utils.seed_everything(args.global_seed)  # identical initial weights on every rank
-    precision, autocast = utils.precision_setup(args.precision, device)
-
-    # resume: the architecture, masking and data come from the checkpoint's arguments
+    # resume: the architecture, masking and data come from the checkpoint's arguments, and so do the flags
+    # not given now (checked and applied with the rest: precision, batch size, ...)
     resume_path, resume_ckpt = utils.resume_args(args, FIXED_ON_RESUME) if args.resume else (None, None)
     if resume_path:
         args.data_path = None  # the cache exists: never rebuilt on resume
+    check_args(args, world_size)
+    utils.seed_everything(args.global_seed)  # a scratch autoencoder for the cache: the same weights every time
+    precision, autocast = utils.precision_setup(args.precision, device)
 
     # tokens (cached on first use), then the network, before anything is written
     meta, ae = prepare_tokens(args, device)
     h = meta["token_grid"]
+    utils.seed_everything(args.global_seed)  # the initial weights depend on the seed only, not on what caching drew
     try:
         model = models.MaskGIT_models[args.model](input_size=h, codebook_size=meta["codebook_size"],
                                                   num_classes=meta["num_classes"], dropout=args.dropout)
@@ -150,11 +151,16 @@ def main(args):
                        f"{meta['codebook_size']} codes with {meta['num_classes']} classes: {str(e).strip(chr(34) + chr(39))}")
         notes.append(f"starting weights from {args.init_from}")
     if args.sample_every > 0 and ae is None and rank == 0:
+        # the cache's VQ model, unless --vae is given (a preset's scratch: spec would draw new weights)
+        vae = args.vae if "vae" in args.cli_flags else meta["vae"]
         try:
-            ae = models.load_autoencoder(args.vae or meta["vae"], args.trust_checkpoint).to(device).eval()
+            ae = models.load_autoencoder(vae, args.trust_checkpoint).to(device).eval()
         except (OSError, KeyError, ValueError, RuntimeError) as e:
-            utils.fail(f"sample grids decode with the cache's VQ model {args.vae or meta['vae']}, which failed to "
-                       f"load ({e}): pass --vae, or --sample-every 0")
+            utils.fail(f"sample grids decode with the cache's VQ model {vae}, which failed to load ({e}): pass "
+                       f"--vae, or --sample-every 0")
+        if data.weights_hash(ae) != meta["vae_hash"]:
+            utils.fail(f"sample grids decode with {vae}, whose weights are not those the cache was built with "
+                       f"(weights hash differs): pass the cache's VQ model as --vae, or --sample-every 0")
     dataset = data.TokenDataset(args.tokens, flip=args.flip, seed=args.global_seed)
 
     # run folder, logger, args.json
@@ -263,9 +269,12 @@ def check_args(args, world_size):
         if not math.isfinite(value) or value < 0 or (flag in ("ema_decay", "class_dropout_prob", "label_smoothing",
                                                               "dropout") and value >= 1):
             utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
-    for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size"):
-        if getattr(args, flag) <= 0:
+    for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size", "image_size",
+                 "epochs", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             utils.fail(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.num_workers < 0:
+        utils.fail("--num-workers must be 0 (load in the training process) or more")
     if args.warmup_steps < 0:
         utils.fail("--warmup-steps must be 0 or more")
 

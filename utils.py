@@ -7,6 +7,7 @@ labelled image grids), the weight download cache.
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import signal
@@ -129,7 +130,8 @@ class Logger:
             self.log_file.flush()
 
     def metrics(self, step, values):
-        if self.active:
+        if self.active:  # NaN/inf (an fp16 step the scaler skipped) as null: JSON has no such numbers
+            values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
             self.metrics_file.write(json.dumps({"step": step, **values}) + "\n")
             self.metrics_file.flush()
 

@@ -101,12 +101,18 @@ def test_bad_input_and_offline_released_weights(ckpts, tmp_path):
     assert res.returncode == 2 and "missing.pt" in res.stderr
     res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--class-labels", "10", "--sample-dir", str(tmp_path / "a")])
     assert res.returncode == 2 and "--class-labels" in res.stderr
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-steps", "1001", "--sample-dir", str(tmp_path / "a")])
+    assert res.returncode == 2 and "at most the model's 1000 training timesteps" in res.stderr
     env = dict(ENV, EQVAE_CACHE=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
     res = run("sample.py", ["--ckpt", "DiT-XL/2-256", "--sample-dir", str(tmp_path / "a")], env=env)
     assert res.returncode == 2
     assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in res.stderr
     assert os.path.join(str(tmp_path / "cache"), "generators", "DiT-XL-2-256x256.pt") in res.stderr
     assert not (tmp_path / "a").exists()
+    import sample
+    with pytest.raises(SystemExit) as e:  # a negative count would guide the wrong channels
+        sample.parse_args(["--ckpt", ckpts["DiT-T/2"], "--cfg-channels", "-1"])
+    assert e.value.code == 2
 
 
 def test_evaluate_gen_scores_the_npz(ckpts, tmp_path):

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import models
@@ -239,6 +240,57 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypa
     assert "non-finite loss or gradient at step 2" in (run / "log.txt").read_text()
     assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == 2
     assert not (run / "checkpoints" / "0000003.pt").exists()
+
+
+def test_resume_takes_the_runs_flags_and_grids_decode_with_the_caches_autoencoder(cache, tmp_path):
+    """A resumed run keeps its --precision (fp16: the loss scale too) and decodes its grids with the
+    cache's autoencoder, not the preset's scratch spec: the same grid as the uninterrupted run."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--preset", "tiny", "--latents", str(cache), "--sample-every", "2", "--ckpt-every", "2"]
+    assert run_cli([*common, "--precision", "fp16", "--max-steps", "4", "--run-dir", str(full)]).returncode == 0
+    assert run_cli([*common, "--precision", "fp16", "--max-steps", "2", "--run-dir", str(resumed)]).returncode == 0
+    out = run_cli(["--preset", "tiny", "--resume", str(resumed), "--max-steps", "4"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (resumed / "log.txt").read_text().count("precision fp16") == 2
+    a = utils.load_checkpoint(str(full / "checkpoints" / "latest.pt"))
+    b = utils.load_checkpoint(str(resumed / "checkpoints" / "latest.pt"))
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    grid = lambda run: np.asarray(Image.open(run / "samples-0000004.png"))
+    assert np.array_equal(grid(full), grid(resumed))
+
+
+def test_initial_weights_do_not_depend_on_whether_the_cache_was_built(cache, tmp_path):
+    """The fixture's run built the cache before its model; this one finds the cache complete."""
+    run = tmp_path / "run"
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--max-steps", "1", "--sample-every", "0",
+                   "--cache-shard-size", "10", "--run-dir", str(run)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = utils.load_checkpoint(str(cache.parent / "first" / "checkpoints" / "latest.pt"))["model"]
+    b = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("script", ["train_dit", "train_maskgit"])
+@pytest.mark.parametrize("flags,message", [
+    (["--num-workers", "-1"], "--num-workers must be 0"),
+    (["--max-steps", "0"], "--max-steps must be a positive integer"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--image-size", "-8"], "--image-size must be a positive integer"),
+])
+def test_bad_counts_fail_in_check_args(script, flags, message, capsys):
+    module = __import__(script)
+    args = module.parse_args(["--preset", "tiny", *flags])
+    with pytest.raises(SystemExit) as e:
+        module.check_args(args, 1)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_diffusion_grids_refuse_more_steps_than_timesteps(capsys):
+    with pytest.raises(SystemExit):
+        train_dit.check_args(train_dit.parse_args(["--preset", "tiny", "--num-steps", "1001"]), 1)
+    assert "at most the 1000 training timesteps" in capsys.readouterr().err
+    train_dit.check_args(train_dit.parse_args(["--preset", "tiny", "--model", "SiT-T/2", "--num-steps", "1001"]), 1)
 
 
 def test_init_from_loads_weights_and_refuses_a_mismatch(cache, tmp_path):

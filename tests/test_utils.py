@@ -172,3 +172,15 @@ def test_epoch_plan_drops_the_remainder_and_names_the_data():
     with pytest.raises(SystemExit) as fail:
         utils.epoch_plan(7, "the cache c", 8, 1, None, 1)
     assert fail.value.code == 2
+
+
+def test_metrics_write_non_finite_values_as_null(tmp_path):
+    import argparse
+    import json
+
+    logger, _ = utils.open_run(str(tmp_path / "run"), argparse.Namespace(lr=1.0), "first line")
+    logger.metrics(3, {"train/grad_norm": float("inf"), "train/loss": float("nan"), "train/lr": 0.5})
+    logger.close()
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1],
+                        parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert record == {"step": 3, "train/grad_norm": None, "train/loss": None, "train/lr": 0.5}
