@@ -323,8 +323,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     classes = SHAPE_CLASSES
     num_classes = len(SHAPE_CLASSES)
 
-    def __init__(self, num_images, image_size, seed=0, flip=False, variant="shapes"):
+    def __init__(self, num_images, image_size, seed=0, flip=False, variant="shapes", augment_seed=0):
         self.num_images, self.image_size, self.seed, self.flip, self.variant = num_images, image_size, seed, flip, variant
+        self.augment_seed = augment_seed  # the flips' seed (--global-seed); `seed` draws the images
         self.epoch = 0
 
     def __len__(self):
@@ -332,7 +333,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         img, label = render_shape(index, self.image_size, self.seed, self.variant)
-        if self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5:
+        if self.flip and augment_rng(self.augment_seed, self.epoch, index).random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img), label
 
@@ -352,6 +353,8 @@ def parse_builtin(spec):
         seed = int(parts[3]) if len(parts) > 3 else 0
     except ValueError:
         raise ValueError(f"{spec!r}: N and SEED in builtin:{parts[1]}:N:SEED must be integers") from None
+    if n < 1:
+        raise ValueError(f"{spec!r}: N, the number of images, must be 1 or more")
     return parts[1], n, seed
 
 
@@ -361,7 +364,7 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
     `seed` seeds the augmentations (crops, flips); set `dataset.epoch` before each epoch."""
     if data_path.startswith("builtin:"):
         name, n, shape_seed = parse_builtin(data_path)
-        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, variant=name)
+        return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, variant=name, augment_seed=seed)
     return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders,
                               min_size=min_size, seed=seed, min_crop_frac=min_crop_frac)
 

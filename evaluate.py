@@ -2026,6 +2026,9 @@ def parse_args(argv=None):
     for key, value in {**DEFAULTS, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for flag, least in (("batch_size", 1), ("num_workers", 0), ("image_size", 1), ("knn_block", 1)):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < least:
+            parser.error(f"--{flag.replace('_', '-')} must be {least} or more")
     return args
 
 

@@ -387,7 +387,7 @@ def run_demo(args):
 # what a resumed run always takes from its checkpoint (anything else given on the command line wins)
 FIXED_ON_RESUME = ("model", "objective", "path_type", "prediction", "learn_sigma", "class_dropout_prob", "latent_norm",
                    "latent_sample", "image_size", "flip", "global_seed", "repa", "encoder", "encoder_depth", "projector_dim",
-                   "qk_norm")
+                   "qk_norm", "global_batch_size")
 
 PRESETS = {
     # CPU smoke runs and tests: a random tiny autoencoder, a few steps of the smallest DiT

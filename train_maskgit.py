@@ -283,7 +283,7 @@ def check_args(args, world_size):
 
 # what a resumed run always takes from its checkpoint (anything else given on the command line wins)
 FIXED_ON_RESUME = ("model", "dropout", "mask_schedule", "label_smoothing", "class_dropout_prob", "image_size", "flip",
-                   "global_seed")
+                   "global_seed", "global_batch_size")
 
 PRESETS = {
     # CPU smoke runs and tests: a random tiny VQ model (8x8 tokens, 64 codes), a few steps of MaskGIT-T

@@ -249,6 +249,12 @@ def check_args(args, world_size):
         utils.fail("--data-path is required: an image folder or builtin:shapes (or use --preset tiny/demo)")
     if not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
         utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
+    for flag in ("data_path", "val_data_path"):
+        if (getattr(args, flag) or "").startswith("builtin:"):
+            try:
+                data.parse_builtin(getattr(args, flag))
+            except ValueError as e:
+                utils.fail(f"--{flag.replace('_', '-')}: {e}")
     if args.val_data_path and not args.val_data_path.startswith("builtin:") and not os.path.isdir(args.val_data_path):
         utils.fail(f"--val-data-path {args.val_data_path} does not exist or is not a folder")
     if args.global_batch_size % world_size:
@@ -267,13 +273,19 @@ def check_args(args, world_size):
         value = getattr(args, flag)
         if value is not None and (not math.isfinite(value) or value < 0 or (flag == "ema_decay" and value >= 1)):
             utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
+    if args.logvar is not None and not math.isfinite(args.logvar):
+        utils.fail(f"--logvar {args.logvar} is not a number")
+    if args.eq_scales and not all(0 < s <= 1 for s in args.eq_scales):  # also refuses nan and inf
+        utils.fail(f"--eq-scales {','.join(map(str, args.eq_scales))}: each scale must lie in (0, 1], as s in [0.25, 1) of Sec. 3.3")
     if args.lr_decay_steps < 0:
         utils.fail(f"--lr-decay-steps {args.lr_decay_steps} is out of range: give 0 (constant lr) or a number of steps")
     for flag in ("global_batch_size", "grad_accum", "epochs", "max_steps", "log_every", "ckpt_every", "eval_every",
-                 "num_eval_images", "num_demo_eval", "demo_base_steps"):
+                 "num_eval_images", "num_demo_eval", "demo_base_steps", "image_size", "disc_channels"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             utils.fail(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
+    if args.num_workers < 0 or args.disc_layers < 0:
+        utils.fail(f"--{'num-workers' if args.num_workers < 0 else 'disc-layers'} must be 0 or more")
     if args.export_diffusers and os.path.exists(args.export_diffusers) and os.listdir(args.export_diffusers):
         utils.fail(f"--export-diffusers {args.export_diffusers} exists and is not empty: choose a new folder")
 
@@ -318,12 +330,13 @@ def restore_adam(opt, state, what):
 # ----------------------------------------------------------------------------- main
 
 # --resume keeps these (the discriminator's shape is part of the saved state)
-FIXED_ON_RESUME = ("disc_channels", "disc_layers")
+FIXED_ON_RESUME = ("vae", "disc_channels", "disc_layers")
 # the objective and data: a change on --resume is refused unless --allow-changed-flags
 OBJECTIVE_FLAGS = ("recipe", "eq_mode", "eq_prob", "eq_start", "eq_transform", "eq_angles", "eq_scales", "interp",
                    "antialias", "lowres_prob", "explicit_weight", "perceptual_weight", "kl_weight", "logvar",
                    "codebook_weight", "disc_weight", "disc_start", "disc_factor", "data_path", "image_size", "crop",
-                   "min_crop_frac", "flip")
+                   "min_crop_frac", "flip",
+                   "global_batch_size", "grad_accum")  # another batch would skip or repeat images of the current epoch
 
 
 def main(args):
@@ -385,14 +398,18 @@ def main(args):
                      f"{args.image_size}px (first: {dataset.small[0]}): their crops are enlarged")
     if args.image_size % ae.downsample_factor:
         utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's downsampling factor {ae.downsample_factor}")
-    smallest = min(models.scale_grid(args.image_size // ae.downsample_factor)) * ae.downsample_factor
+    lat = args.image_size // ae.downsample_factor
+    smallest = (max(1, round(min(args.eq_scales) * lat)) if args.eq_scales else min(models.scale_grid(lat))) * ae.downsample_factor
     try:  # shape inference on the meta device: does the PatchGAN fit the smallest transformed image?
         with torch.device("meta"):
             models.NLayerDiscriminator(ndf=1, n_layers=args.disc_layers).eval()(torch.zeros(1, 3, smallest, smallest))
     except RuntimeError:
         if args.disc_weight > 0:
             utils.fail(f"the {args.disc_layers}-layer discriminator cannot see the smallest transformed image "
-                       f"({smallest}px at scale 0.25): use a larger --image-size or a smaller --disc-layers")
+                       f"({smallest}px): use a larger --image-size or a smaller --disc-layers")
+    if args.perceptual_weight > 0 and smallest < 16:  # VGG's four max-pools leave nothing of a smaller image
+        utils.fail(f"LPIPS-VGG needs images of 16px or more, and the smallest transformed image is {smallest}px: use a "
+                   f"larger --image-size (or --eq-scales), or --perceptual-weight 0")
     lpips_net = models.load_lpips(args.lpips_random).to(device) if args.perceptual_weight > 0 else None
     if args.lpips_random and lpips_net is not None:
         notes.append("LPIPS uses a RANDOM VGG backbone (--lpips-random): its values are not comparable to anything")

@@ -329,7 +329,7 @@ def resume_args(args, fixed, changeable=(), allow_changed=False):
         fail(f"--resume {path} continues its objective and data: remove {', '.join(changed)}, "
              f"or pass --allow-changed-flags to continue with the new values")
     for key, value in saved.items():  # flags not given now continue as the run was started
-        if key not in args.cli_flags and key not in ("resume", "run_dir", "preset", "cli_flags", "init_from", "vae"):
+        if key not in args.cli_flags and key not in ("resume", "run_dir", "preset", "cli_flags", "init_from"):
             setattr(args, key, value)
     return path, ckpt
 

@@ -422,3 +422,15 @@ def test_cli_figures_writes_pngs(ae_files):
             img.load()
             # 64 px cells enlarged to 128, 2 px padding; a text header above the grid
             assert img.mode == "RGB" and img.width == cols * 130 + 2 and img.height > 3 * 130 + 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["id", "--vae", "scratch:tiny", "--data-path", "builtin:shapes:8", "--knn-block", "0"],
+    ["equiv", "--vae", "scratch:tiny", "--data-path", "builtin:shapes:8", "--batch-size", "0"],
+    ["equiv", "--vae", "scratch:tiny", "--data-path", "builtin:shapes:8", "--image-size", "0"],
+    ["recon", "--vae", "scratch:tiny", "--data-path", "builtin:shapes:8", "--num-workers", "-1"],
+])
+def test_bad_counts_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(argv)
+    assert e.value.code == 2 and "or more" in capsys.readouterr().err

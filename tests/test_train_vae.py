@@ -436,6 +436,43 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--num-workers", "-1"], "--num-workers must be 0 or more"),
+    (["--disc-layers", "-1"], "--disc-layers must be 0 or more"),
+    (["--disc-channels", "0"], "--disc-channels must be a positive integer"),
+    (["--image-size", "0"], "--image-size must be a positive integer"),
+    (["--logvar", "nan"], "--logvar nan is not a number"),
+    (["--eq-scales", "0.5,nan"], "each scale must lie in (0, 1]"),
+    (["--eq-scales", "3"], "each scale must lie in (0, 1]"),
+    (["--eq-scales", "0"], "each scale must lie in (0, 1]"),
+    (["--data-path", "builtin:shapes:-5"], "N, the number of images, must be 1 or more"),
+    (["--val-data-path", "builtin:shapes:0"], "--val-data-path: 'builtin:shapes:0'"),
+])
+def test_bad_numbers_fail_in_check_args(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_vae.check_args(train_vae.parse_args(["--preset", "tiny", *flags]), world_size=1)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lpips_needs_16px_and_resume_keeps_vae_and_batch(tmp_path, capsys):
+    """LPIPS-VGG cannot see the smallest tau image of a 32 px run (8 px): refused before the run
+    folder. A resumed run restores --vae with the other flags, and refuses another global batch
+    (the epoch's remaining images would shift)."""
+    with pytest.raises(SystemExit):
+        train_vae.main(train_vae.parse_args(["--preset", "tiny", "--image-size", "32", "--disc-weight", "0",
+                                                 "--results-dir", str(tmp_path / "r")]))
+    assert "LPIPS-VGG needs images of 16px or more, and the smallest transformed image is 8px" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    run = tmp_path / "run"
+    assert run_cli(["--preset", "tiny", "--max-steps", "1", "--run-dir", str(run)]).returncode == 0
+    out = run_cli(["--resume", str(run / "checkpoints" / "latest.pt"), "--max-steps", "2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "args.json").read_text())["vae"] == "scratch:tiny"
+    assert (run / "log.txt").read_text().count("autoencoder scratch:tiny (kl") == 2  # the resumed run's too
+    out = run_cli(["--resume", str(run / "checkpoints" / "latest.pt"), "--max-steps", "3", "--global-batch-size", "8"])
+    assert out.returncode == 2 and "--global-batch-size 8 (checkpoint: 4)" in out.stderr
+
+
 def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):
     """Starting weights that carry LDM's `loss.*` entries bring their discriminator and logvar."""
     torch.manual_seed(0)
