@@ -214,10 +214,10 @@ def bench_train_dit(args):
     """One DiT training step as train_dit.py takes it (DDPM loss with learned sigma, backward,
     gradient norm and NaN check, AdamW, EMA) and one SiT step (linear velocity loss), fp32 and bf16
     autocast, interleaved with the official DiT code's fp32 step when --official-dit points at a
-    clone of it (same weights, same diffusion). FLOPs are
-    counted on the real step; MFU is against the measured peak of a large matmul and, on GPU, the
-    datasheet bf16 peak of H100/H200 (989 TFLOP/s dense). CPU: DiT-S/2 at 4x32x32, batch 8;
-    GPU: DiT-XL/2 at 4x32x32 (256 px), batch 32; --preset tiny: DiT-T/2 at 4x8x8, batch 8."""
+    clone of it (same weights, same diffusion). FLOPs are counted on the real step; MFU is against
+    the measured peak of a large matmul and, on GPU, the datasheet bf16 peak of H100/H200 (989
+    TFLOP/s dense). CPU: DiT-S/2 at 4x32x32, batch 8; GPU: DiT-XL/2 at 4x32x32 (256 px), batch 32;
+    --preset tiny: DiT-T/2 at 4x8x8, batch 8."""
     import copy
 
     import diffusion as D

@@ -284,8 +284,9 @@ def check_args(args, world_size):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             utils.fail(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
-    if args.num_workers < 0 or args.disc_layers < 0:
-        utils.fail(f"--{'num-workers' if args.num_workers < 0 else 'disc-layers'} must be 0 or more")
+    for flag in ("num_workers", "disc_layers"):
+        if getattr(args, flag) < 0:
+            utils.fail(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.export_diffusers and os.path.exists(args.export_diffusers) and os.listdir(args.export_diffusers):
         utils.fail(f"--export-diffusers {args.export_diffusers} exists and is not empty: choose a new folder")
 
@@ -399,7 +400,8 @@ def main(args):
     if args.image_size % ae.downsample_factor:
         utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's downsampling factor {ae.downsample_factor}")
     lat = args.image_size // ae.downsample_factor
-    smallest = (max(1, round(min(args.eq_scales) * lat)) if args.eq_scales else min(models.scale_grid(lat))) * ae.downsample_factor
+    smallest_side = models.eq_transform(lat, lat, scale=min(args.eq_scales)).new_h if args.eq_scales else min(models.scale_grid(lat))
+    smallest = smallest_side * ae.downsample_factor
     try:  # shape inference on the meta device: does the PatchGAN fit the smallest transformed image?
         with torch.device("meta"):
             models.NLayerDiscriminator(ndf=1, n_layers=args.disc_layers).eval()(torch.zeros(1, 3, smallest, smallest))
