@@ -3,7 +3,8 @@
 Rooms: image reading (any mode -> RGB), crops (ADM center crop, LDM training crop),
 folder datasets (class folders and flat/recursive folders, bad files skipped and named),
 the built-in procedural dataset `builtin:shapes`, and `make_dataset` that picks one from a path;
-the caches: the machinery they share, the latent cache (DiT/SiT), the token cache (MaskGIT).
+the caches: the machinery they share (and the autoencoder a cache was made with), the latent cache
+(DiT/SiT), the token cache (MaskGIT).
 """
 import hashlib
 import json
@@ -16,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+
+import models
 from tqdm import tqdm
 
 import utils
@@ -382,6 +385,21 @@ def weights_hash(model):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def coder_of(recorded, spec=None, trust_checkpoint=False, check_hash=True):
+    """The autoencoder of a cache (`recorded`: its meta, or a model's recipe, with keys vae and
+    vae_hash), loaded from `spec` (default: the recorded one); with check_hash, refused unless its
+    weights are the recorded ones, since other weights decode the stored codes into noise.
+    ValueError says which spec failed and why."""
+    spec = spec or recorded["vae"]
+    try:
+        ae = models.load_autoencoder(spec, trust_checkpoint)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{spec} failed to load: {str(e).strip(chr(34) + chr(39))}") from None
+    if check_hash and recorded.get("vae_hash") and weights_hash(ae) != recorded["vae_hash"]:
+        raise ValueError(f"{spec} is not the autoencoder the codes were made with (weights hash differs)")
+    return ae.eval()
 
 
 def dataset_labels(dataset):

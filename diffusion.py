@@ -74,9 +74,10 @@ class GaussianDiffusion:
     steps of a respaced process to the original indices the network was trained on.
     """
 
-    def __init__(self, betas, learn_sigma=True, timestep_map=None):
+    def __init__(self, betas, learn_sigma=True, timestep_map=None, original_timesteps=None):
         self.betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(self.betas)
+        self.original_timesteps = original_timesteps or self.num_timesteps  # before any respacing
         self.learn_sigma = learn_sigma
         self.timestep_map = list(range(self.num_timesteps)) if timestep_map is None else list(timestep_map)
         alphas = 1.0 - self.betas
@@ -100,7 +101,8 @@ class GaussianDiffusion:
         for i in keep:
             betas.append(1.0 - self.alphas_cumprod[i] / last)
             last = self.alphas_cumprod[i]
-        return GaussianDiffusion(np.array(betas), self.learn_sigma, [self.timestep_map[i] for i in keep])
+        return GaussianDiffusion(np.array(betas), self.learn_sigma, [self.timestep_map[i] for i in keep],
+                                 self.original_timesteps)
 
     @staticmethod
     def _at(arr, t, x):
@@ -110,6 +112,10 @@ class GaussianDiffusion:
     def network_time(self, t):
         """Indices of this (maybe respaced) process -> the original steps the network knows."""
         return torch.tensor(self.timestep_map, device=t.device)[t]
+
+    def guidance_time(self, i):
+        """Step i of this process in [0, 1] (1 = noise), where the guidance interval is read."""
+        return self.timestep_map[i] / max(1, self.original_timesteps - 1)
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
@@ -228,9 +234,10 @@ class Transport:
         return -noise / s
 
     def diffusion_coefficient(self, t):
-        """w(t) of the reverse SDE dx = (v - w score) dt + sqrt(2 w) dW: SiT's "sigma" form,
-        w = s(t) (= t on the linear path, REPA's 2t / 2)."""
-        return self.coefficients(t)[1]
+        """w(t) of the reverse SDE dx = (v - w score) dt + sqrt(2 w) dW: SiT's "sigma" form w = s(t)
+        for SiT's networks; w = t on every path for REPA's, as its sampler (its 2t is our 2w). On
+        the linear path the two agree."""
+        return t if self.time_input == "repa" else self.coefficients(t)[1]
 
     def training_losses(self, model, x0, y, t=None, noise=None):
         """SiT's loss per sample: MSE of the prediction (velocity, noise, or score times s, as SiT),
@@ -319,7 +326,7 @@ def sample_ddpm(diffusion, fn, noise, ddim=False, progress=False):
     N = x.shape[0]
     for i in _progress(range(diffusion.num_timesteps - 1, -1, -1), progress):
         t = torch.full((N,), i, device=x.device, dtype=torch.long)
-        output = fn(x, diffusion.network_time(t), diffusion.timestep_map[i] / 999).float()
+        output = fn(x, diffusion.network_time(t), diffusion.guidance_time(i)).float()
         mean, log_variance, x0 = diffusion.p_mean_variance(output, x, t)
         if ddim:
             abar_prev = diffusion._at(diffusion.alphas_cumprod_prev, t, x)
@@ -344,7 +351,7 @@ def sample_ode(transport, fn, noise, num_steps, heun=False, progress=False):
         v = _velocity(transport, fn, x, t_cur)
         x_next = x + (t_next - t_cur) * v
         if heun and i < num_steps - 1:
-            v_next = _velocity(transport, fn, x_next, t_next)
+            v_next = _velocity(transport, fn, x_next, t_next, t_guide=t_cur)  # REPA: the interval at t_cur
             x_next = x + (t_next - t_cur) * 0.5 * (v + v_next)
         x = x_next
     return x
@@ -352,9 +359,9 @@ def sample_ode(transport, fn, noise, num_steps, heun=False, progress=False):
 
 @torch.no_grad()
 def sample_sde(transport, fn, noise, num_steps, last_step_size=0.04, progress=False):
-    """Euler-Maruyama on the reverse SDE dx = (v - w score) dt + sqrt(2 w) dW, w = s(t) (SiT's
-    sigma form): num_steps - 1 stochastic steps on an even grid from 1 - eps to last_step_size, then
-    one noise-free step to 0 (SiT's "Mean" last step; REPA's sampler is the same)."""
+    """Euler-Maruyama on the reverse SDE dx = (v - w score) dt + sqrt(2 w) dW, w from
+    Transport.diffusion_coefficient: num_steps - 1 stochastic steps on an even grid from 1 - eps to
+    last_step_size, then one noise-free step to 0 (SiT's "Mean" last step; REPA's sampler is the same)."""
     x = noise(None)
     ts = torch.linspace(1.0 - transport.eps, last_step_size, num_steps, dtype=torch.float64).tolist() + [0.0]
     for i in _progress(range(num_steps), progress):
@@ -370,9 +377,11 @@ def sample_sde(transport, fn, noise, num_steps, last_step_size=0.04, progress=Fa
     return x
 
 
-def _velocity(transport, fn, x, t_scalar):
+def _velocity(transport, fn, x, t_scalar, t_guide=None):
+    """The velocity at t_scalar; guided where t_guide (default t_scalar) lies in the interval."""
     t = torch.full((x.shape[0],), t_scalar, device=x.device, dtype=torch.float64)
-    model = lambda xt, t_net, y: fn(xt, t_net, t_scalar)  # noqa: E731 (labels are bound in fn)
+    t_guide = t_scalar if t_guide is None else t_guide
+    model = lambda xt, t_net, y: fn(xt, t_net, t_guide)  # noqa: E731 (labels are bound in fn)
     return transport.velocity(transport.network_output(model, x, t, None).float(), x, t)
 
 

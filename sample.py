@@ -16,6 +16,7 @@ the end result is DIR/samples.npz (arr_0: uint8 NHWC images, arr_1: labels), whi
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -57,9 +58,9 @@ def chunk_files(folder):
     """{(start, end): path} of the finished chunks in folder."""
     found = {}
     for name in os.listdir(folder):
-        if name.startswith("chunk-") and name.endswith(".npz"):
-            start, end = name[len("chunk-"):-len(".npz")].split("-")
-            found[(int(start), int(end))] = os.path.join(folder, name)
+        match = re.fullmatch(r"chunk-(\d+)-(\d+)\.npz", name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = os.path.join(folder, name)
     return found
 
 
@@ -125,17 +126,16 @@ def main(args):
         if recipe["objective"]["kind"] == "diffusion" and args.num_steps > objective.num_timesteps:
             utils.fail(f"--num-steps {args.num_steps}: the diffusion samplers take at most the model's "
                        f"{objective.num_timesteps} training timesteps")
+    if not maskgit and args.cfg_channels and args.cfg_channels > model.in_channels:  # more would guide the variance
+        utils.fail(f"--cfg-channels {args.cfg_channels}: this {recipe['model']} has {model.in_channels} latent channels")
     if args.class_labels and any(not 0 <= c < model.num_classes for c in args.class_labels):
         utils.fail(f"--class-labels must lie in [0, {model.num_classes - 1}]")
     coder = recipe["tokens"] if maskgit else recipe["latent"]  # the autoencoder the model was trained on
     vae = args.vae or coder["vae"]
-    try:
-        ae = models.load_autoencoder(vae, args.trust_checkpoint).to(device).eval()
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        utils.fail(f"autoencoder {vae} ({'--vae' if args.vae else 'recorded with the model; override with --vae'}): "
-                   f"{str(e).strip(chr(34) + chr(39))}")
-    if coder.get("vae_hash") and args.vae is None and data.weights_hash(ae) != coder["vae_hash"]:
-        utils.fail(f"the autoencoder at {vae} is not the one the model was trained with (weights hash differs): pass --vae")
+    try:  # the recorded weights are checked; --vae may decode with others on purpose (DiT: ft-ema or ft-mse)
+        ae = data.coder_of(coder, args.vae, args.trust_checkpoint, check_hash=args.vae is None).to(device)
+    except ValueError as e:
+        utils.fail(f"--vae {e}" if args.vae else f"the autoencoder recorded with the model: {e}; pass --vae")
     if rank == 0:
         os.makedirs(args.sample_dir, exist_ok=True)
     utils.barrier()
@@ -182,6 +182,9 @@ def main(args):
             if diffs:
                 utils.fail(f"--sample-dir {args.sample_dir} holds samples made with other settings ({'; '.join(diffs)}): "
                            f"choose another --sample-dir")
+        elif chunk_files(args.sample_dir) or os.path.isfile(out_path):  # made by whom, with what?
+            utils.fail(f"--sample-dir {args.sample_dir} holds samples but no settings.json to tell how they were made: "
+                       f"choose another --sample-dir")
         else:
             utils.write_json(settings_path, settings)
     utils.barrier()
@@ -200,9 +203,12 @@ def main(args):
             done = sorted(chunk_files(args.sample_dir).items())
             if todo_chunks(args.num_samples, [k for k, _ in done], args.num_samples):
                 utils.fail(f"{args.sample_dir}: some samples are missing after sampling; run the command again to finish")
-            parts = [np.load(path) for _, path in done]
-            images = np.concatenate([p["arr_0"] for p in parts])
-            labels = np.concatenate([p["arr_1"] for p in parts])
+            images, labels = [], []
+            for _, path in done:  # one chunk open at a time: 50,000 samples are 1,563 chunks of 32
+                with np.load(path) as chunk:
+                    images.append(chunk["arr_0"])
+                    labels.append(chunk["arr_1"])
+            images, labels = np.concatenate(images), np.concatenate(labels)
             tmp = out_path + ".tmp.npz"
             np.savez(tmp, arr_0=images, arr_1=labels)
             os.replace(tmp, out_path)

@@ -192,15 +192,12 @@ def main(args):
     objective = diffusion.make_objective(objective_spec, model)
     if args.sample_every > 0 and ae is None and rank == 0:
         # the cache's autoencoder, unless --vae is given (a preset's scratch: spec would draw new weights)
-        vae = args.vae if "vae" in args.cli_flags else meta["vae"]
+        vae = args.vae if "vae" in args.cli_flags else None
         try:
-            ae = models.load_autoencoder(vae, args.trust_checkpoint).to(device).eval()
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            utils.fail(f"sample grids decode with the cache's autoencoder {vae}, which failed to load ({e}): pass "
-                       f"--vae, or --sample-every 0")
-        if data.weights_hash(ae) != meta["vae_hash"]:
-            utils.fail(f"sample grids decode with {vae}, whose weights are not those the cache was built with "
-                       f"(weights hash differs): pass the cache's autoencoder as --vae, or --sample-every 0")
+            ae = data.coder_of(meta, vae, args.trust_checkpoint).to(device)
+        except ValueError as e:
+            utils.fail(f"sample grids decode with the cache's autoencoder: {e}; pass that autoencoder as --vae, "
+                       f"or --sample-every 0")
     dataset = data.LatentDataset(args.latents, flip=args.flip, seed=args.global_seed, images=args.repa)
 
     # run folder, logger, args.json

@@ -152,15 +152,12 @@ def main(args):
         notes.append(f"starting weights from {args.init_from}")
     if args.sample_every > 0 and ae is None and rank == 0:
         # the cache's VQ model, unless --vae is given (a preset's scratch: spec would draw new weights)
-        vae = args.vae if "vae" in args.cli_flags else meta["vae"]
+        vae = args.vae if "vae" in args.cli_flags else None
         try:
-            ae = models.load_autoencoder(vae, args.trust_checkpoint).to(device).eval()
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            utils.fail(f"sample grids decode with the cache's VQ model {vae}, which failed to load ({e}): pass "
-                       f"--vae, or --sample-every 0")
-        if data.weights_hash(ae) != meta["vae_hash"]:
-            utils.fail(f"sample grids decode with {vae}, whose weights are not those the cache was built with "
-                       f"(weights hash differs): pass the cache's VQ model as --vae, or --sample-every 0")
+            ae = data.coder_of(meta, vae, args.trust_checkpoint).to(device)
+        except ValueError as e:
+            utils.fail(f"sample grids decode with the cache's VQ model: {e}; pass that VQ model as --vae, "
+                       f"or --sample-every 0")
     dataset = data.TokenDataset(args.tokens, flip=args.flip, seed=args.global_seed)
 
     # run folder, logger, args.json

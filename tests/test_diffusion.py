@@ -133,6 +133,10 @@ def test_respacing_keeps_dit_steps_and_alphas_cumprod(count):
     assert sp.network_time(torch.arange(count)).tolist() == keep
     if count == 1000:
         np.testing.assert_allclose(sp.betas, base.betas, rtol=1e-12)
+    # the guidance interval reads the original step in [0, 1], for any original length
+    assert sp.guidance_time(count - 1) == (1.0 if count > 1 else 0.0) and sp.guidance_time(0) == 0.0
+    short = diffusion.GaussianDiffusion(diffusion.linear_betas(200)).respaced(5)
+    assert [short.guidance_time(i) for i in range(5)] == [k / 199 for k in short.timestep_map] and short.timestep_map[-1] == 199
 
 
 def test_space_timesteps_rejects_impossible_counts():
@@ -299,13 +303,15 @@ def exact_sit_velocity(path):
     return fn
 
 
-def sde_target(path, t_last=0.04):
+def sde_target(path, time_input, t_last=0.04):
     """Mean and variance after the SDE sampler, exactly in the limit of small steps: the marginal at
-    t_last is N(a MU, V) and the noise-free last step x + (v - s score)(-t_last) is affine in x,
-    with slope 1 - t_last (v' + s / V), v' = (a' a SD^2 + s' s) / V (the score's slope is -1 / V)."""
+    t_last is N(a MU, V) and the noise-free last step x + (v - w score)(-t_last) is affine in x,
+    with slope 1 - t_last (v' + w / V), v' = (a' a SD^2 + s' s) / V (the score's slope is -1 / V);
+    w = s (SiT) or t (REPA)."""
     a, s, da, ds = path_coefficients(path, torch.tensor(t_last))
     V = a**2 * SD**2 + s**2
-    slope = 1 - t_last * ((da * a * SD**2 + ds * s) / V + s / V)
+    w = s if time_input == "sit" else t_last
+    slope = 1 - t_last * ((da * a * SD**2 + ds * s) / V + w / V)
     return (a - t_last * da) * MU, slope**2 * V
 
 
@@ -325,7 +331,7 @@ def test_transport_samplers_reproduce_gaussian_data(path, sampler, time_input):
     noise = gaussian_noise(20000, seed=1)
     if sampler == "sde":
         x = diffusion.sample_sde(transport, fn, noise, 250)
-        mean, var = sde_target(path)
+        mean, var = sde_target(path, time_input)
         assert_gaussian(x, mean, var, mean_slack=0.01, var_slack=0.01)
     else:
         x = diffusion.sample_ode(transport, fn, noise, 250, heun=sampler == "heun")
@@ -364,8 +370,10 @@ def test_velocity_from_noise_and_score_and_back(path):
     torch.testing.assert_close(diffusion.Transport(path, "score").velocity(-e / s, xt, t), v)
     torch.testing.assert_close(diffusion.Transport(path).score(v, xt, t), -e / s)
     torch.testing.assert_close(diffusion.Transport(path).velocity(v, xt, t), v)
-    # the SDE's w(t) is SiT's "sigma" form, s(t) (any w keeps the marginals, so the samplers can't tell)
+    # the SDE's w(t) (any w keeps the marginals): SiT's "sigma" form s(t); t for REPA's networks, as
+    # REPA's sampler on every path
     torch.testing.assert_close(diffusion.Transport(path).diffusion_coefficient(t), s.flatten())
+    torch.testing.assert_close(diffusion.Transport(path, time_input="repa").diffusion_coefficient(t), t)
 
 
 @pytest.mark.parametrize("path", ["linear", "gvp"])
@@ -419,6 +427,26 @@ def tiny_dit(family="dit", seed=0, **kwargs):
             if p.requires_grad:
                 p.copy_(0.05 * torch.randn_like(p))
     return model.eval()
+
+
+def test_heun_decides_guidance_at_the_start_of_each_step():
+    """REPA's Heun sampler decides whether to guide both of a step's calls at the step's start
+    time t_cur; the network itself sees t_cur, then t_next."""
+    calls = []
+
+    def fn(x, t_net, t_guide):
+        calls.append((round(t_net[0].item(), 6), t_guide))
+        return torch.zeros_like(x)
+
+    transport = diffusion.Transport("linear", "velocity", "repa")
+    diffusion.sample_ode(transport, fn, lambda shape: torch.zeros(2, 1), 4, heun=True)
+    ts = torch.linspace(1 - transport.eps, transport.eps, 5, dtype=torch.float64).tolist()
+    expected = []
+    for i in range(4):
+        expected.append((round(ts[i], 6), ts[i]))
+        if i < 3:
+            expected.append((round(ts[i + 1], 6), ts[i]))
+    assert calls == expected
 
 
 def test_guided_model_applies_cfg_only_inside_the_interval(monkeypatch):

@@ -79,6 +79,31 @@ def test_interrupted_sampling_keeps_finished_chunks(ckpts, tmp_path):
     assert np.array_equal(np.load(resumed / "samples.npz")["arr_0"], got["arr_0"])
 
 
+def test_many_chunks_assemble_under_a_low_open_file_limit(ckpts, tmp_path):
+    """The final .npz reads its chunks one at a time: 300 finished chunks assemble under a limit of
+    256 open files (a cluster's usual 1,024 is 32 samples x 1,024 = a third of a 50k run). Chunks
+    without the settings.json that says how they were made are refused."""
+    import resource
+
+    common = ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"]]
+    first, folder = tmp_path / "first", tmp_path / "many"
+    assert run("sample.py", [*common, "--num-samples", "1", "--sample-dir", str(first)]).returncode == 0
+    folder.mkdir()
+    for i in range(300):
+        np.savez(folder / f"chunk-{i:07d}-{i + 1:07d}.npz", arr_0=np.full((1, 32, 32, 3), i % 256, np.uint8),
+                 arr_1=np.array([i % 10]))
+    res = run("sample.py", [*common, "--num-samples", "300", "--sample-dir", str(folder)])
+    assert res.returncode == 2 and "no settings.json" in res.stderr
+    settings = json.loads((first / "settings.json").read_text())
+    (folder / "settings.json").write_text(json.dumps(dict(settings, num_samples=300)))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # noqa: E731
+    res = subprocess.run([sys.executable, "sample.py", *common, "--num-samples", "300", "--sample-dir", str(folder)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = np.load(folder / "samples.npz")
+    assert np.array_equal(got["arr_0"][:, 0, 0, 0], np.arange(300) % 256) and np.array_equal(got["arr_1"], np.arange(300) % 10)
+
+
 def test_labels_class_balanced_and_a_labelled_grid(ckpts, tmp_path):
     res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["SiT-T/2"], "--sampler", "heun", "--num-samples", "12",
                             "--class-balanced", "--sample-dir", str(tmp_path / "balanced")])
@@ -103,6 +128,11 @@ def test_bad_input_and_offline_released_weights(ckpts, tmp_path):
     assert res.returncode == 2 and "--class-labels" in res.stderr
     res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-steps", "1001", "--sample-dir", str(tmp_path / "a")])
     assert res.returncode == 2 and "at most the model's 1000 training timesteps" in res.stderr
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--vae", str(tmp_path / "gone.pt"),
+                            "--sample-dir", str(tmp_path / "a")])
+    assert res.returncode == 2 and f"--vae {tmp_path / 'gone.pt'} failed to load" in res.stderr
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--cfg-channels", "5", "--sample-dir", str(tmp_path / "a")])
+    assert res.returncode == 2 and "has 4 latent channels" in res.stderr  # a fifth would guide the variance
     env = dict(ENV, EQVAE_CACHE=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
     res = run("sample.py", ["--ckpt", "DiT-XL/2-256", "--sample-dir", str(tmp_path / "a")], env=env)
     assert res.returncode == 2

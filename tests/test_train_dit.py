@@ -75,6 +75,20 @@ def test_cache_holds_every_image_and_its_flip_with_exact_statistics(cache):
     np.testing.assert_allclose(z.std(axis=(0, 1, 3, 4)), np.sqrt(var), rtol=0.05)
 
 
+def test_coder_of_loads_the_recorded_autoencoder_and_refuses_other_weights(cache, tmp_path):
+    meta = data.read_cache_meta(str(cache))
+    ae = data.coder_of(meta)
+    assert not ae.training and data.weights_hash(ae) == meta["vae_hash"]
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)  # the cache's were drawn after seed 0
+    models.save_autoencoder(models.load_autoencoder("scratch:tiny"), str(other))  # the same design, other weights
+    with pytest.raises(ValueError, match="weights hash differs"):
+        data.coder_of(meta, str(other))
+    assert data.weights_hash(data.coder_of(meta, str(other), check_hash=False)) != meta["vae_hash"]
+    with pytest.raises(ValueError, match="missing.pt failed to load"):
+        data.coder_of(meta, str(tmp_path / "missing.pt"))
+
+
 def test_cache_is_reused_and_refused_for_another_autoencoder_or_size(cache, tmp_path):
     before = {p: os.path.getmtime(cache / p) for p in os.listdir(cache)}
     out = run_cli(["--preset", "tiny", "--latents", str(cache), "--max-steps", "1", "--sample-every", "0",
