@@ -6,6 +6,7 @@ the built-in procedural dataset `builtin:shapes`, and `make_dataset` that picks 
 the caches: the machinery they share (and the autoencoder a cache was made with), the latent cache
 (DiT/SiT), the token cache (MaskGIT).
 """
+import collections
 import hashlib
 import json
 import math
@@ -17,10 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
-
-import models
 from tqdm import tqdm
 
+import models
 import utils
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
@@ -161,22 +161,33 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Images under a folder. `class_folders=True`: ImageNet layout, label = index of the sorted
     top-level folder name; otherwise every image is label 0 (OpenImages-style flat/recursive).
 
-    Unreadable files are found once at construction and skipped with one warning naming each file
-    (`check=True`, one header read per file); a file that breaks later (truncated data) is named
-    and replaced by the next readable image. `min_size` lists the images whose short side is below
-    it in `self.small` (the crops enlarge them; the trainer says so once).
+    Hidden folders (a leading dot, such as .ipynb_checkpoints) are no classes: one sorted first
+    would shift every label. Unreadable files are found once at construction and skipped with one
+    warning naming each file (`check=True`, one header read per file); a file that breaks later
+    (truncated data) is named and replaced by the next readable image, or, with
+    `skip_broken=False` (cache builds, whose labels are fixed up front), stops the run. `min_size`
+    lists the images whose short side is below it in `self.small` (the crops enlarge them; the
+    trainer says so once).
     """
 
     def __init__(self, root, image_size, crop="adm", flip=False, class_folders=True, min_size=None, check=True, seed=0,
-                 min_crop_frac=1.0):
+                 min_crop_frac=1.0, skip_broken=True):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data-path {root} is not a folder: give a folder of images (or builtin:shapes)")
         self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
-        self.min_crop_frac, self.small = min_crop_frac, []
-        subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir()) if class_folders else []
+        self.min_crop_frac, self.small, self.skip_broken = min_crop_frac, [], skip_broken
+        subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith(".")) if class_folders else []
         if subdirs:
             self.classes = subdirs
             self.samples = [(p, i) for i, d in enumerate(subdirs) for p in list_images(os.path.join(root, d))]
+            empty = [d for i, d in enumerate(subdirs) if not any(label == i for _, label in self.samples)]
+            if empty:  # as torchvision's ImageFolder: a class without images is a mistake in the layout
+                raise RuntimeError(f"--data-path {root}: class folder(s) without images: {', '.join(empty[:5])}"
+                                   f"{' ...' if len(empty) > 5 else ''}; remove them or add their images")
+            stray = [f for f in sorted(os.listdir(root)) if f.lower().endswith(IMG_EXTENSIONS)]
+            if stray:
+                warnings.warn(f"--data-path {root} has class folders and {len(stray)} image(s) beside them "
+                              f"(e.g. {stray[0]}), which belong to no class: they are left out", stacklevel=2)
         else:
             self.classes = ["all"]
             self.samples = [(p, 0) for p in list_images(root)]
@@ -205,6 +216,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 image = load_rgb(path)
             except Exception as e:
+                if not self.skip_broken:
+                    raise RuntimeError(f"{path} cannot be read ({type(e).__name__}: {e}): replace it with a readable "
+                                       f"image, or move it out of --data-path and build into a new folder") from None
                 warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", stacklevel=2)
                 continue
             rng = augment_rng(self.seed, self.epoch, index)
@@ -361,7 +375,8 @@ def parse_builtin(spec):
     return parts[1], n, seed
 
 
-def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=True, min_size=None, seed=0, min_crop_frac=1.0):
+def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=True, min_size=None, seed=0, min_crop_frac=1.0,
+                 skip_broken=True):
     """A folder path or `builtin:shapes...` -> a dataset yielding ([-1, 1] CHW tensor, label).
 
     `seed` seeds the augmentations (crops, flips); set `dataset.epoch` before each epoch."""
@@ -369,7 +384,16 @@ def make_dataset(data_path, image_size, crop="adm", flip=False, class_folders=Tr
         name, n, shape_seed = parse_builtin(data_path)
         return ShapesDataset(n, image_size, seed=shape_seed, flip=flip, variant=name, augment_seed=seed)
     return ImageFolderDataset(data_path, image_size, crop=crop, flip=flip, class_folders=class_folders,
-                              min_size=min_size, seed=seed, min_crop_frac=min_crop_frac)
+                              min_size=min_size, seed=seed, min_crop_frac=min_crop_frac, skip_broken=skip_broken)
+
+
+def data_source(data_path):
+    """What a cache records of where its images came from: the full builtin spec, or the folder's
+    real path (so ./imagenet and /data/imagenet are the same source)."""
+    if data_path.startswith("builtin:"):
+        name, n, seed = parse_builtin(data_path)
+        return f"builtin:{name}:{n}:{seed}"
+    return os.path.realpath(data_path)
 
 
 # ----------------------------------------------------------------------------- caches (shared machinery, latents)
@@ -414,8 +438,12 @@ def read_cache_meta(folder, fmt=CACHE_FORMAT):
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise RuntimeError(f"{path} is unreadable ({e}): delete it, then run again with the cache's --data-path and "
+                           f"--vae to finish the cache") from None
     if meta.get("format") != fmt:
         what = "token cache" if fmt == TOKEN_CACHE_FORMAT else "latent cache"
         raise RuntimeError(f"{path} is not a {what} of this code ({meta.get('format')!r}): use another folder")
@@ -432,28 +460,46 @@ def to_uint8_images(x):
 
 
 def check_cache_matches(meta, fingerprint, folder):
-    """Refuse a cache (or a half-built one) made with another autoencoder, image size or crop."""
-    diffs = [f"{k}: cache has {meta.get(k)!r}, this run {v!r}" for k, v in fingerprint.items() if meta.get(k) != v]
+    """Refuse a cache (or a half-built one) made with another autoencoder, image size, crop or data."""
+    # a key the cache does not record (data: caches built before it was recorded) is not compared
+    diffs = [f"{k}: cache has {meta[k]!r}, this run {v!r}" for k, v in fingerprint.items() if k in meta and meta[k] != v]
     if diffs:
-        raise RuntimeError(f"--latents {folder} was built differently, so it cannot be used for this run:\n  "
-                           + "\n  ".join(diffs) + "\nchoose another --latents folder (or delete this one to rebuild it)")
+        raise RuntimeError(f"the cache {folder} was built differently, so it cannot be used for this run:\n  "
+                           + "\n  ".join(diffs) + "\nchoose another cache folder (or delete this one to rebuild it)")
+
+
+def check_build_plan(folder, fingerprint):
+    """Before a build writes anything into `folder`: an interrupted (or repaired) build must be the
+    same build as build.json's, and shards that no build.json explains are refused, not adopted."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RuntimeError(f"{folder} is a file, not a cache folder: choose another folder")
+    build_path = os.path.join(folder, "build.json")
+    if os.path.isfile(build_path):
+        try:
+            with open(build_path) as f:
+                plan = json.load(f)
+        except ValueError as e:
+            raise RuntimeError(f"{build_path} is unreadable ({e}): delete {folder} and build again") from None
+        check_cache_matches(plan, fingerprint, folder)
+    elif os.path.isdir(folder) and any(f.endswith(".npy") and "-" in f for f in os.listdir(folder)):
+        raise RuntimeError(f"{folder} holds cache shards but no build.json that says how they were made: "
+                           f"delete the folder to build it again, or choose another")
 
 
 def build_shards(folder, dataset, plan, resume_keys, encode, batch_size=32, num_workers=4, shard_images=1000,
                  desc="caching"):
-    """What every cache build shares. Rank 0 records `plan` in build.json (an interrupted build must
-    match it on `resume_keys`) and writes labels.npy; shards of `shard_images` images are split
-    over the ranks, with a tqdm bar on rank 0. encode(x) -> {kind: array (B, ...)} for a [-1, 1]
-    batch; each kind's shard is written atomically to KIND-NNNNN.npy in the order of
-    plan["shard_kinds"], so the last kind's file marks a finished shard and a rerun resumes after it.
-    Call on every rank."""
+    """What every cache build shares. Rank 0 records `plan` in build.json (kept after the build: an
+    interrupted or repaired build must match it on `resume_keys`) and writes labels.npy; shards of
+    `shard_images` images are split over the ranks, with a tqdm bar on rank 0. encode(x) -> {kind:
+    array (B, ...)} for a [-1, 1] batch; each kind's shard is written atomically to KIND-NNNNN.npy
+    in the order of plan["shard_kinds"], so the last kind's file marks a finished shard and a rerun
+    resumes after it. Call on every rank."""
     n = len(dataset)
     num_shards = (n + shard_images - 1) // shard_images
     labels, _ = dataset_labels(dataset)
     build_path = os.path.join(folder, "build.json")
-    if os.path.isfile(build_path):  # resuming an interrupted build: it must be the same build (every rank
-        with open(build_path) as f:  # checks, so that none is left waiting at the barrier for one that stopped)
-            check_cache_matches(json.load(f), {k: plan[k] for k in resume_keys}, folder)
+    # every rank checks, so that none is left waiting at the barrier for one that stopped
+    check_build_plan(folder, {k: plan[k] for k in resume_keys})
     if utils.is_main():
         os.makedirs(folder, exist_ok=True)
         if not os.path.isfile(build_path):
@@ -485,11 +531,9 @@ def build_shards(folder, dataset, plan, resume_keys, encode, batch_size=32, num_
 
 
 def finish_cache(folder, meta, fmt):
-    """Rank 0 writes meta.json (its presence marks a complete cache) and drops build.json; every
-    rank then reads the meta back."""
+    """Rank 0 writes meta.json (its presence marks a complete cache); every rank then reads it back."""
     if utils.is_main():
         utils.write_json(os.path.join(folder, "meta.json"), meta)
-        os.remove(os.path.join(folder, "build.json"))
     utils.barrier()
     return read_cache_meta(folder, fmt)
 
@@ -514,15 +558,19 @@ def open_shards(folder, meta, expected, what):
         rows = min(per, n - k * per)
         for kind, (shape, dtype) in expected.items():
             path = _shard_path(folder, k, kind)
+            repair = (f"delete it and {folder}/meta.json, then run again with the cache's --data-path and --vae: "
+                      f"the build re-encodes the missing shards")
             try:
                 arr = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise RuntimeError(f"{what} shard {path} is missing or truncated ({e}): delete it and run again with "
-                                   f"--data-path and --vae to rebuild it") from None
+                raise RuntimeError(f"{what} shard {path} is missing or truncated ({e}): {repair}") from None
             if arr.shape != (rows, *shape) or arr.dtype != np.dtype(dtype):
                 raise RuntimeError(f"{what} shard {path} holds {arr.shape} {arr.dtype}, expected {(rows, *shape)} "
-                                   f"{np.dtype(dtype)}: delete it and rebuild")
-    labels = np.load(os.path.join(folder, "labels.npy"))
+                                   f"{np.dtype(dtype)}: {repair}")
+    try:
+        labels = np.load(os.path.join(folder, "labels.npy"))
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{folder}/labels.npy is missing or unreadable ({e}): rebuild the cache") from None
     if len(labels) != n:
         raise RuntimeError(f"{folder}/labels.npy has {len(labels)} labels for {n} images: rebuild the cache")
     return labels
@@ -554,6 +602,12 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
         x = x.to(device)
         mean, std = encode(torch.cat([x, torch.flip(x, dims=[3])]))  # every image, then every flip
         mean, std = (m.float().cpu().numpy() for m in (mean, std))
+        if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+            raise RuntimeError("the autoencoder gave non-finite latents: check its weights (--vae)")
+        largest = max(np.abs(mean).max(), std.max())
+        if largest > np.finfo(dtype).max:  # float16 ends at 65504: stored as inf
+            raise RuntimeError(f"latents beyond the range of the cache's {dtype} (largest {largest:.4g}): build with "
+                               f"--cache-dtype float32 into a new folder")
         B = x.shape[0]
         out["moments"] = np.stack([np.stack([mean[:B], std[:B]], 1), np.stack([mean[B:], std[B:]], 1)], 1).astype(dtype)
         return out
@@ -577,6 +631,22 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
     return finish_cache(folder, meta, CACHE_FORMAT)
 
 
+OPEN_SHARDS = 16  # memory maps a cache dataset keeps open (per loader worker); each holds a file
+
+
+def cached_shard(shards, k, open_shard):
+    """shards[k] of the OrderedDict `shards`, opened by open_shard(k) on first use; beyond
+    OPEN_SHARDS the least recently used map is dropped (and its file closed), since a shuffled
+    epoch touches every shard: 1,282 for ImageNet, past a usual limit of 1,024 open files."""
+    if k in shards:
+        shards.move_to_end(k)
+    else:
+        shards[k] = open_shard(k)
+        if len(shards) > OPEN_SHARDS:
+            shards.popitem(last=False)
+    return shards[k]
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """The cached posteriors: item i is ((2, C, h, w) [mean, std], label) of image i or of its flip,
     the flip drawn from (seed, epoch, i) like every other augmentation here (flip=False: never).
@@ -594,21 +664,20 @@ class LatentDataset(torch.utils.data.Dataset):
         if images:
             expected["images"] = ((3, self.meta["image_size"], self.meta["image_size"]), np.uint8)
         self.labels = open_shards(folder, self.meta, expected, "latent cache")
-        self.shards = {}
+        self.shards = collections.OrderedDict()
 
     def __len__(self):
         return self.meta["count"]
 
     def __getitem__(self, index):
         k, row = divmod(index, self.meta["shard_images"])
-        if k not in self.shards:  # opened lazily, once per worker process
-            self.shards[k] = {kind: np.load(_shard_path(self.folder, k, kind), mmap_mode="r")
-                              for kind in (("moments", "images") if self.images else ("moments",))}
+        shard = cached_shard(self.shards, k, lambda k: {kind: np.load(_shard_path(self.folder, k, kind), mmap_mode="r")
+                                                        for kind in (("moments", "images") if self.images else ("moments",))})
         flipped = int(self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5)
-        moments = torch.from_numpy(np.array(self.shards[k]["moments"][row, flipped], dtype=np.float32))
+        moments = torch.from_numpy(np.array(shard["moments"][row, flipped], dtype=np.float32))
         if not self.images:
             return moments, int(self.labels[index])
-        image = torch.from_numpy(np.array(self.shards[k]["images"][row]))
+        image = torch.from_numpy(np.array(shard["images"][row]))
         return moments, torch.flip(image, dims=[2]) if flipped else image, int(self.labels[index])
 
 
@@ -667,14 +736,13 @@ class TokenDataset(torch.utils.data.Dataset):
         grid = self.meta["token_grid"]
         self.labels = open_shards(folder, self.meta, {"tokens": ((2, grid, grid), np.int16)}, "token cache")
         self.folder, self.flip, self.seed, self.epoch = folder, flip, seed, 0
-        self.shards = {}
+        self.shards = collections.OrderedDict()
 
     def __len__(self):
         return self.meta["count"]
 
     def __getitem__(self, index):
         k, row = divmod(index, self.meta["shard_images"])
-        if k not in self.shards:  # opened lazily, once per worker process
-            self.shards[k] = np.load(_shard_path(self.folder, k, "tokens"), mmap_mode="r")
+        shard = cached_shard(self.shards, k, lambda k: np.load(_shard_path(self.folder, k, "tokens"), mmap_mode="r"))
         flipped = int(self.flip and augment_rng(self.seed, self.epoch, index).random() < 0.5)
-        return torch.from_numpy(self.shards[k][row, flipped].astype(np.int64)), int(self.labels[index])
+        return torch.from_numpy(shard[row, flipped].astype(np.int64)), int(self.labels[index])

@@ -35,7 +35,10 @@ import utils
 def prepare_latents(args, device):
     """The latent cache: build it when --data-path/--vae are given and --latents holds none, refuse
     it when it was made by another autoencoder, image size or crop. Returns (meta, autoencoder or None)."""
-    meta = data.read_cache_meta(args.latents)
+    try:
+        meta = data.read_cache_meta(args.latents)
+    except RuntimeError as e:
+        utils.fail(str(e))
     ae = None
     if args.data_path is not None or meta is None:
         if args.data_path is None or args.vae is None:
@@ -50,12 +53,14 @@ def prepare_latents(args, device):
             utils.fail(f"--vae {args.vae} is a VQ autoencoder: DiT/SiT need a continuous (KL) one; train MaskGIT on VQ tokens")
         if args.image_size % ae.downsample_factor:
             utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's factor {ae.downsample_factor}")
-        fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm")
         try:
+            fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm",
+                               data=data.data_source(args.data_path))
             if meta is not None:
                 data.check_cache_matches(meta, fingerprint, args.latents)
                 return meta, ae
-            dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None)
+            data.check_build_plan(args.latents, fingerprint)  # before anything is written there
+            dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None, skip_broken=False)
         except (OSError, ValueError, RuntimeError) as e:
             utils.fail(str(e))
         lat = args.image_size // ae.downsample_factor
@@ -85,7 +90,10 @@ def prepare_latents(args, device):
 
 def check_cache_images(args):
     """--repa (or --cache-images) on a cache that holds latents only: refused before anything loads."""
-    meta = data.read_cache_meta(args.latents)
+    try:
+        meta = data.read_cache_meta(args.latents)
+    except RuntimeError as e:
+        utils.fail(str(e))
     if meta is not None and args.cache_images and not meta.get("images"):
         utils.fail(f"{'--repa needs the images in the cache (its encoder sees them)' if args.repa else '--cache-images'}"
                    f", and --latents {args.latents} holds latents only: build a new cache with --data-path, --vae and "
@@ -168,7 +176,7 @@ def main(args):
     grid = h // model.patch_size  # the generator's token grid, which the encoders' patch grid must equal
     for encoder in encoders:
         encoder.resample_pos_embed(grid)  # REPA resizes DINOv2's 37 x 37 table once, to the token grid
-    recipe = dict(model=args.model, config=model.config, image_size=args.image_size, objective=objective_spec,
+    recipe = dict(model=args.model, config=model.config, image_size=meta["image_size"], objective=objective_spec,
                   latent=latent_recipe(args, meta), class_names=meta["class_names"])
     if args.repa:
         recipe["repa"] = dict(encoder=args.encoder, proj_coeff=args.proj_coeff)
@@ -198,7 +206,10 @@ def main(args):
         except ValueError as e:
             utils.fail(f"sample grids decode with the cache's autoencoder: {e}; pass that autoencoder as --vae, "
                        f"or --sample-every 0")
-    dataset = data.LatentDataset(args.latents, flip=args.flip, seed=args.global_seed, images=args.repa)
+    try:
+        dataset = data.LatentDataset(args.latents, flip=args.flip, seed=args.global_seed, images=args.repa)
+    except (OSError, RuntimeError) as e:
+        utils.fail(str(e))
 
     # run folder, logger, args.json
     run_dir = args.run_dir or (utils.run_dir_of(resume_path) if resume_path else
@@ -310,6 +321,8 @@ def check_args(args, world_size):
     """Bad input fails here, before any model is built or any file written."""
     if args.latents is None and args.resume is None:
         utils.fail("--latents is required: the latent cache folder (built there from --data-path and --vae if empty)")
+    if args.latents and os.path.exists(args.latents) and not os.path.isdir(args.latents):
+        utils.fail(f"--latents {args.latents} is a file: give a folder for the latent cache")
     if args.data_path and not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
         utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
     if args.global_batch_size <= 0 or args.global_batch_size % world_size:

@@ -32,7 +32,10 @@ import utils
 def prepare_tokens(args, device):
     """The token cache: build it when --data-path/--vae are given and --tokens holds none, refuse it
     when it was made by another VQ model or image size. Returns (meta, VQ model or None)."""
-    meta = data.read_cache_meta(args.tokens, data.TOKEN_CACHE_FORMAT)
+    try:
+        meta = data.read_cache_meta(args.tokens, data.TOKEN_CACHE_FORMAT)
+    except RuntimeError as e:
+        utils.fail(str(e))
     ae = None
     if args.data_path is not None or meta is None:
         if args.data_path is None or args.vae is None:
@@ -48,12 +51,14 @@ def prepare_tokens(args, device):
                        f"train DiT/SiT on continuous latents")
         if args.image_size % ae.downsample_factor:
             utils.fail(f"--image-size {args.image_size} is not a multiple of the VQ model's factor {ae.downsample_factor}")
-        fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm")
         try:
+            fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm",
+                               data=data.data_source(args.data_path))
             if meta is not None:
                 data.check_cache_matches(meta, fingerprint, args.tokens)
                 return meta, ae
-            dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None)
+            data.check_build_plan(args.tokens, fingerprint)  # before anything is written there
+            dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None, skip_broken=False)
         except (OSError, ValueError, RuntimeError) as e:
             utils.fail(str(e))
         vae_spec = args.vae
@@ -158,7 +163,10 @@ def main(args):
         except ValueError as e:
             utils.fail(f"sample grids decode with the cache's VQ model: {e}; pass that VQ model as --vae, "
                        f"or --sample-every 0")
-    dataset = data.TokenDataset(args.tokens, flip=args.flip, seed=args.global_seed)
+    try:
+        dataset = data.TokenDataset(args.tokens, flip=args.flip, seed=args.global_seed)
+    except (OSError, RuntimeError) as e:
+        utils.fail(str(e))
 
     # run folder, logger, args.json
     run_dir = args.run_dir or (utils.run_dir_of(resume_path) if resume_path else
@@ -256,6 +264,8 @@ def check_args(args, world_size):
     """Bad input fails here, before any model is built or any file written."""
     if args.tokens is None and args.resume is None:
         utils.fail("--tokens is required: the token cache folder (built there from --data-path and --vae if empty)")
+    if args.tokens and os.path.exists(args.tokens) and not os.path.isdir(args.tokens):
+        utils.fail(f"--tokens {args.tokens} is a file: give a folder for the token cache")
     if args.data_path and not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
         utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
     if args.global_batch_size <= 0 or args.global_batch_size % world_size:

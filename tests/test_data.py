@@ -1,4 +1,5 @@
 """Image folders (bad files, every mode), crops and the built-in procedural dataset."""
+import collections
 import random
 
 import numpy as np
@@ -51,6 +52,56 @@ def test_empty_and_missing_folders_fail_clearly(tmp_path):
         data.make_dataset(str(tmp_path / "empty"), 32)
     with pytest.raises(FileNotFoundError, match="--data-path .*nowhere"):
         data.make_dataset(str(tmp_path / "nowhere"), 32)
+
+
+def test_class_layout_hidden_folders_empty_classes_and_stray_images(tmp_path):
+    """A hidden folder is no class (sorted first, it would shift every label); an empty class folder
+    is refused, as torchvision's ImageFolder; images beside class folders are named as left out."""
+    root = tmp_path / "imgs"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (200, 10, 10)).save(root / name / "0.png")
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (20, 20)).save(root / ".ipynb_checkpoints" / "old.png")
+    ds = data.ImageFolderDataset(str(root), 16)
+    assert ds.classes == ["cat", "dog"] and [label for _, label in ds.samples] == [0, 1]
+    flat = tmp_path / "flat"
+    (flat / ".ipynb_checkpoints").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(flat / "a.png")
+    assert data.ImageFolderDataset(str(flat), 16).classes == ["all"]  # a hidden folder does not make it a class layout
+    Image.new("RGB", (20, 20)).save(root / "stray.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) beside them \(e.g. stray.png\)"):
+        data.ImageFolderDataset(str(root), 16)
+    (root / "empty_class").mkdir()
+    with pytest.raises(RuntimeError, match="without images: empty_class"):
+        data.ImageFolderDataset(str(root), 16)
+
+
+def test_cache_builds_stop_at_a_truncated_image_instead_of_substituting(tmp_path):
+    """A JPEG cut short passes the header check; training skips it for the next image, but a cache
+    build (skip_broken=False), whose labels are fixed up front, stops and names it."""
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "a" / "0.jpg")
+    good = (root / "a" / "0.jpg").read_bytes()
+    (root / "a" / "1.jpg").write_bytes(good[: len(good) // 2])
+    assert len(data.make_dataset(str(root), 32)) == 2  # the header check keeps it
+    with pytest.warns(UserWarning, match="skipping unreadable image .*1.jpg"):
+        data.make_dataset(str(root), 32)[1]
+    strict = data.make_dataset(str(root), 32, skip_broken=False)
+    with pytest.raises(RuntimeError, match=r"1\.jpg cannot be read .*replace it"):
+        strict[1]
+
+
+def test_cache_datasets_keep_a_bounded_number_of_shards_open(monkeypatch):
+    """cached_shard opens each shard once while it is in use and drops the least recently used one
+    beyond OPEN_SHARDS, so a shuffled epoch over thousands of shards holds few files."""
+    monkeypatch.setattr(data, "OPEN_SHARDS", 2)
+    opened, shards = [], collections.OrderedDict()
+    for k in (0, 1, 0, 2, 0, 1):
+        assert data.cached_shard(shards, k, lambda k: opened.append(k) or f"shard {k}") == f"shard {k}"
+        assert len(shards) <= 2
+    assert opened == [0, 1, 2, 1]  # 0 stayed open (recently used), 1 was dropped for 2 and reopened
 
 
 def test_mode_conversions():

@@ -97,7 +97,7 @@ def test_cache_is_reused_and_refused_for_another_autoencoder_or_size(cache, tmp_
     assert "caching latents" not in out.stderr  # the same autoencoder and size: reused, not rebuilt
     assert {p: os.path.getmtime(cache / p) for p in os.listdir(cache)} == before
     out = run_cli(["--preset", "tiny", "--latents", str(cache), "--global-seed", "1", "--run-dir", str(tmp_path / "r1")])
-    assert out.returncode == 2 and "vae_hash" in out.stderr and "another --latents" in out.stderr
+    assert out.returncode == 2 and "vae_hash" in out.stderr and "another cache folder" in out.stderr
     out = run_cli(["--preset", "tiny", "--latents", str(cache), "--image-size", "64", "--run-dir", str(tmp_path / "r2")])
     assert out.returncode == 2 and "image_size" in out.stderr
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
@@ -119,7 +119,7 @@ def test_interrupted_cache_build_resumes_and_matches_a_full_build(cache, tmp_pat
                    "--sample-every", "0", "--run-dir", str(tmp_path / "run")])
     assert out.returncode == 0, out.stderr[-3000:]
     assert os.path.getmtime(folder / "moments-00000.npy") == 1
-    assert not (folder / "build.json").exists()
+    assert (folder / "build.json").exists()  # kept: a later repair must be the same build
     for k in range(4):
         assert np.array_equal(np.load(folder / f"moments-{k:05d}.npy"), np.load(cache / f"moments-{k:05d}.npy"))
     assert data.read_cache_meta(str(folder))["channel_std"] == data.read_cache_meta(str(cache))["channel_std"]
@@ -138,6 +138,67 @@ def test_truncated_or_foreign_shard_is_named(cache, tmp_path):
     np.save(folder / "moments-00002.npy", np.zeros((10, 2, 2, 4, 4, 4), np.float16))
     with pytest.raises(RuntimeError, match="moments-00002.npy holds"):
         data.LatentDataset(str(folder))
+
+
+def test_a_damaged_cache_is_repaired_by_rebuilding_only_its_missing_shard(cache, tmp_path):
+    """The fix the shard error prints works: delete the shard and meta.json, run again with the
+    cache's --data-path and --vae (the tiny preset's), and only that shard is encoded again."""
+    folder = tmp_path / "latents"
+    shutil.copytree(cache, folder)
+    os.remove(folder / "moments-00001.npy")
+    with pytest.raises(RuntimeError, match="delete it and .*meta.json, then run again"):
+        data.LatentDataset(str(folder))
+    os.remove(folder / "meta.json")
+    os.utime(folder / "moments-00000.npy", (1, 1))
+    out = run_cli(["--preset", "tiny", "--latents", str(folder), "--cache-shard-size", "10", "--max-steps", "1",
+                   "--sample-every", "0", "--run-dir", str(tmp_path / "run")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.path.getmtime(folder / "moments-00000.npy") == 1
+    assert np.array_equal(np.load(folder / "moments-00001.npy"), np.load(cache / "moments-00001.npy"))
+    repaired, original = data.read_cache_meta(str(folder)), data.read_cache_meta(str(cache))
+    assert repaired.pop("vae") == str(folder / "autoencoder.pt") and original.pop("vae") == str(cache / "autoencoder.pt")
+    assert repaired == original  # the channel statistics included
+
+
+def test_cache_refusals_write_nothing_and_name_the_folder(cache, tmp_path):
+    """Another --data-path for a complete cache; shards that no build.json explains; a build for
+    another autoencoder (its autoencoder.pt stays); a file, a corrupt meta.json or a token cache
+    as --latents: one error line each, nothing written."""
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--data-path", "builtin:shapes-plain:32",
+                   "--run-dir", str(tmp_path / "r0")])
+    assert out.returncode == 2 and "data: cache has 'builtin:shapes:32:0'" in out.stderr
+    folder = tmp_path / "latents"
+    shutil.copytree(cache, folder)
+    ae_bytes = (folder / "autoencoder.pt").read_bytes()
+    os.remove(folder / "meta.json")
+    out = run_cli(["--preset", "tiny", "--latents", str(folder), "--global-seed", "1", "--run-dir", str(tmp_path / "r1")])
+    assert out.returncode == 2 and "vae_hash" in out.stderr  # build.json: another autoencoder's build
+    assert (folder / "autoencoder.pt").read_bytes() == ae_bytes
+    os.remove(folder / "build.json")
+    out = run_cli(["--preset", "tiny", "--latents", str(folder), "--run-dir", str(tmp_path / "r2")])
+    assert out.returncode == 2 and "holds cache shards but no build.json" in out.stderr
+    assert (folder / "autoencoder.pt").read_bytes() == ae_bytes
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "meta.json").write_text("{not json")
+    (tmp_path / "tokens").mkdir()
+    utils.write_json(str(tmp_path / "tokens" / "meta.json"), {"format": data.TOKEN_CACHE_FORMAT})
+    for latents, message in (("file", "is a file"), ("corrupt", "meta.json is unreadable"), ("tokens", "not a latent cache")):
+        out = run_cli(["--latents", str(tmp_path / latents), "--model", "DiT-T/2", "--run-dir", str(tmp_path / "r3")])
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not any((tmp_path / r).exists() for r in ("r0", "r1", "r2", "r3"))
+
+
+def test_float16_overflow_is_refused_with_the_fix(tmp_path):
+    """Posterior means beyond float16's 65504 would be stored as inf (and the channel statistics as
+    NaN): the build stops and names --cache-dtype float32."""
+    dataset = data.ShapesDataset(4, 16)
+    encode = lambda x: (torch.full((len(x), 4, 2, 2), 1e6), torch.ones(len(x), 4, 2, 2))  # noqa: E731
+    with pytest.raises(RuntimeError, match="--cache-dtype float32"):
+        data.build_latent_cache(str(tmp_path / "c"), dataset, encode, {"vae_hash": "x"}, (4, 2, 2), num_workers=0)
+    meta = data.build_latent_cache(str(tmp_path / "c32"), dataset, encode, {"vae_hash": "x"}, (4, 2, 2), num_workers=0,
+                                   dtype="float32")
+    assert meta["channel_mean"] == [1e6] * 4
 
 
 def test_latent_dataset_flips_per_epoch_and_normalisation_round_trip(cache):
