@@ -138,10 +138,11 @@ def epoch_loader(dataset, step, steps_per_epoch, per_rank, seed, rank=0, world_s
 
 
 def list_images(root):
-    """All image files under root (recursive, extensions case-insensitive), sorted."""
+    """All image files under root (recursive, extensions case-insensitive, hidden folders such as
+    .ipynb_checkpoints left out), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
     return found
 

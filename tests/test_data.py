@@ -1,5 +1,6 @@
 """Image folders (bad files, every mode), crops and the built-in procedural dataset."""
 import collections
+import os
 import random
 
 import numpy as np
@@ -68,7 +69,9 @@ def test_class_layout_hidden_folders_empty_classes_and_stray_images(tmp_path):
     flat = tmp_path / "flat"
     (flat / ".ipynb_checkpoints").mkdir(parents=True)
     Image.new("RGB", (20, 20)).save(flat / "a.png")
-    assert data.ImageFolderDataset(str(flat), 16).classes == ["all"]  # a hidden folder does not make it a class layout
+    Image.new("RGB", (20, 20)).save(flat / ".ipynb_checkpoints" / "a-checkpoint.png")
+    ds = data.ImageFolderDataset(str(flat), 16)  # a hidden folder makes no class layout, and adds no image
+    assert ds.classes == ["all"] and [os.path.basename(p) for p, _ in ds.samples] == ["a.png"]
     Image.new("RGB", (20, 20)).save(root / "stray.png")
     with pytest.warns(UserWarning, match=r"1 image\(s\) beside them \(e.g. stray.png\)"):
         data.ImageFolderDataset(str(root), 16)
