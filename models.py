@@ -304,8 +304,14 @@ class VectorQuantizer(nn.Module):
         N, C, H, W = h.shape
         flat = h.permute(0, 2, 3, 1).reshape(-1, C)  # (NHW, C)
         codebook = self.embedding.weight
-        # squared distances without materialising (NHW, K, C): |h|^2 + |e|^2 - 2 h.e
-        dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2.0 * flat @ codebook.t()
+        # squared distances without materialising (NHW, K, C): |h|^2 + |e|^2 - 2 h.e, the product
+        # without TF32 (the trainers switch it on; taming and MaskGIT encode without it)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2.0 * flat @ codebook.t()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         indices = dist.argmin(dim=1)
         zq = self.embedding(indices).view(N, H, W, C).permute(0, 3, 1, 2)
         codebook_term = F.mse_loss(zq, h.detach())

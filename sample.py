@@ -136,6 +136,13 @@ def main(args):
         ae = data.coder_of(coder, args.vae, args.trust_checkpoint, check_hash=args.vae is None).to(device)
     except ValueError as e:
         utils.fail(f"--vae {e}" if args.vae else f"the autoencoder recorded with the model: {e}; pass --vae")
+    # what the model draws must be what the autoencoder decodes, before anything is written
+    if maskgit and (ae.kind != "vq" or ae.quantize.n_embed != coder["codebook_size"]):
+        utils.fail(f"--vae {vae}: this {recipe['model']} draws tokens of a {coder['codebook_size']}-code VQ model, "
+                   f"which {vae} is not")
+    if not maskgit and (ae.kind != "kl" or ae.latent_channels != model.in_channels):
+        utils.fail(f"--vae {vae}: this {recipe['model']} draws {model.in_channels}-channel latents of a continuous "
+                   f"(KL) autoencoder, which {vae} is not")
     if rank == 0:
         os.makedirs(args.sample_dir, exist_ok=True)
     utils.barrier()

@@ -92,12 +92,16 @@ def draw_mask(z, mode):
 def masked_token_loss(model, z, y, mask, mask_token, label_smoothing):
     """The objective: the network sees z with the masked tokens replaced by the mask token and is
     scored on those tokens alone, against z (mean cross-entropy with label smoothing over the masked
-    tokens; v1.0 averages over every token, masked or not: see the README). -> (loss, logits)."""
+    tokens of the global batch; v1.0 averages over every token, masked or not: see the README).
+    -> (loss, logits)."""
     logits = model(torch.where(mask, mask_token, z), y)  # (N, T, K)
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), z.flatten(), label_smoothing=label_smoothing,
                                 reduction="none")  # (N * T,)
     mask = mask.flatten().float()
-    return (per_token * mask).sum() / mask.sum().clamp(min=1), logits
+    # ranks mask different numbers of tokens: each rank's sum over the global count, times the world
+    # size that DDP's gradient average divides by, so the objective does not depend on the GPU count
+    count, world_size = utils.global_sum(mask.sum())
+    return (per_token * mask).sum() * world_size / count.clamp(min=1), logits
 
 
 @torch.no_grad()

@@ -71,6 +71,15 @@ def all_reduce_mean(values, device):
     return dict(zip(keys, t.tolist()))
 
 
+def global_sum(t):
+    """(t summed over the ranks, the number of ranks), for means over the whole global batch."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t, dist.get_world_size()
+    return t.detach(), 1
+
+
 def broadcast_object(obj):
     """Rank 0's value of a picklable object on every rank."""
     if dist.is_available() and dist.is_initialized():

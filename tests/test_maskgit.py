@@ -191,6 +191,44 @@ def test_loss_counts_only_masked_tokens_with_the_true_targets():
                                            eps)[0].item() == 0.0  # nothing masked: nothing to score
 
 
+def _two_rank_gradient(rank, port, model, z, y, mask, out):
+    """One rank of a 2-process gloo group: its half of the batch through DDP, the gradient saved by rank 0."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    half = slice(rank * len(z) // 2, (rank + 1) * len(z) // 2)
+    ddp = DDP(model)  # kept alive through backward: its hooks average the gradients
+    loss, _ = train_maskgit.masked_token_loss(ddp, z[half], y[half], mask[half], 32, 0.1)
+    loss.backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out)
+    torch.distributed.destroy_process_group()
+
+
+def test_the_loss_is_the_global_batch_mean_on_any_number_of_processes(tmp_path):
+    """Two ranks that mask very different numbers of tokens give, through DDP, the gradient of the
+    masked-token mean over the whole batch in one process: each rank divides by the global count."""
+    import socket
+
+    torch.manual_seed(0)
+    model = models.MaskGIT_models["MaskGIT-T"](input_size=4, codebook_size=32, num_classes=10, dropout=0.0)
+    z, y = torch.randint(0, 32, (4, 4, 4)), torch.tensor([1, 2, 3, 4])
+    mask = torch.zeros(4, 4, 4, dtype=torch.bool)
+    mask[:2] = True  # rank 0: 32 masked tokens
+    mask[2, 0, 0] = mask[3, 1, 1] = True  # rank 1: 2
+    loss, _ = train_maskgit.masked_token_loss(model, z, y, mask, 32, 0.1)
+    expected = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_two_rank_gradient, args=(port, model, z, y, mask, str(tmp_path / "g.pt")), nprocs=2)
+    got = torch.load(tmp_path / "g.pt")
+    for e, g in zip(expected, got):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -314,6 +352,9 @@ def test_two_process_resume_equals_uninterrupted_run(tiny_run, tmp_path):
 
 def test_sample_npz_on_two_processes_and_evaluate_gen(tiny_run, tmp_path):
     ckpt = str(tiny_run / "run" / "checkpoints" / "latest.pt")
+    out = run_cli(["--preset", "tiny", "--ckpt", ckpt, "--vae", "scratch:tiny", "--sample-dir", str(tmp_path / "kl")],
+                  script="sample.py")  # a KL autoencoder cannot decode tokens: refused before anything is written
+    assert out.returncode == 2 and "tokens of a 64-code VQ model" in out.stderr and not (tmp_path / "kl").exists()
     out = run_cli(["--preset", "tiny", "--ckpt", ckpt, "--num-samples", "6", "--per-proc-batch-size", "2",
                    "--sample-dir", str(tmp_path / "s")], nproc=2, script="sample.py")
     assert out.returncode == 0, out.stderr[-3000:]

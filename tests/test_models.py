@@ -229,6 +229,17 @@ def test_quantizer_picks_nearest_code_and_passes_gradients():
         assert torch.equal(vq.decode_indices(idx), vq.decode(codes))
 
 
+def test_nearest_code_search_runs_without_tf32_and_restores_the_setting(monkeypatch):
+    """The trainers switch TF32 on for GPU matmuls; the code search turns it off for its product
+    (TF32 picks other codes for some features) and puts the caller's setting back."""
+    vq = models.build_autoencoder(models.AE_configs["tiny-vq"])
+    seen, transpose = [], torch.Tensor.t
+    monkeypatch.setattr(torch.Tensor, "t", lambda self: seen.append(torch.backends.cuda.matmul.allow_tf32) or transpose(self))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    vq.quantize_features(torch.randn(1, vq.latent_channels, 4, 4))
+    assert seen == [False] and torch.backends.cuda.matmul.allow_tf32
+
+
 # ----------------------------------------------------------------------------- transforms
 
 

@@ -133,6 +133,8 @@ def test_bad_input_and_offline_released_weights(ckpts, tmp_path):
     assert res.returncode == 2 and f"--vae {tmp_path / 'gone.pt'} failed to load" in res.stderr
     res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--cfg-channels", "5", "--sample-dir", str(tmp_path / "a")])
     assert res.returncode == 2 and "has 4 latent channels" in res.stderr  # a fifth would guide the variance
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--vae", "scratch:tiny-vq", "--sample-dir", str(tmp_path / "a")])
+    assert res.returncode == 2 and "continuous (KL) autoencoder, which scratch:tiny-vq is not" in res.stderr
     env = dict(ENV, EQVAE_CACHE=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
     res = run("sample.py", ["--ckpt", "DiT-XL/2-256", "--sample-dir", str(tmp_path / "a")], env=env)
     assert res.returncode == 2
