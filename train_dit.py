@@ -42,7 +42,9 @@ def prepare_latents(args, device):
     ae = None
     if args.data_path is not None or meta is None:
         if args.data_path is None or args.vae is None:
-            utils.fail(f"--latents {args.latents} holds no complete latent cache: pass --data-path and --vae to build it"
+            utils.fail((f"--latents {args.latents}, the resumed run's cache, holds no complete latent cache: pass "
+                        f"--latents with the cache's place now" if args.resume else
+                        f"--latents {args.latents} holds no complete latent cache: pass --data-path and --vae to build it")
                        if meta is None else "--data-path needs --vae, the autoencoder whose latents are cached "
                        "(DiT and SiT used sd-vae-ft-ema)")
         try:
@@ -152,6 +154,9 @@ def main(args):
     if resume_path:
         args.data_path = None  # the cache exists: never rebuilt on resume
     check_args(args, world_size)
+    # a new run into a folder with checkpoints is refused; the folders it writes must be writable
+    utils.check_output_folders(args, *(("latents",) if args.data_path else ()))
+    args.latents = os.path.abspath(args.latents)  # saved with the run: --resume works from any directory
     utils.seed_everything(args.global_seed)  # a scratch autoencoder for the cache: the same weights every time
     precision, autocast = utils.precision_setup(args.precision, device)
 
@@ -167,6 +172,10 @@ def main(args):
                            time_input="repa" if args.repa else "sit"))
     repa = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                 qk_norm=args.qk_norm) if args.repa else dict(qk_norm=args.qk_norm)
+    recorded = resume_ckpt["generator"]["latent"].get("vae_hash") if resume_ckpt is not None else None
+    if recorded not in (None, meta["vae_hash"]):
+        utils.fail(f"--latents {args.latents} holds the latents of another autoencoder than the resumed run's (weights "
+                   f"hash {meta['vae_hash']}, the run's {recorded}): pass the run's cache")
     utils.seed_everything(args.global_seed)  # the initial weights depend on the seed only, not on what caching drew
     try:
         model = models.build_generator(args.model, input_size=h, in_channels=C, num_classes=meta["num_classes"],
@@ -307,7 +316,7 @@ def main(args):
                         save_sample_grid(ema, recipe, objective, ae, path, args, device)
                         logger.info(f"sample grid {path}")
                     utils.barrier()
-                if stop_now:
+                if stop_now and step < max_steps:  # on the last step the run just finishes
                     utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
         logger.info(f"done: {ckpt_dir}/latest.pt; sample with: python sample.py --ckpt {ckpt_dir}/latest.pt")
     finally:

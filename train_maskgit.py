@@ -39,7 +39,9 @@ def prepare_tokens(args, device):
     ae = None
     if args.data_path is not None or meta is None:
         if args.data_path is None or args.vae is None:
-            utils.fail(f"--tokens {args.tokens} holds no complete token cache: pass --data-path and --vae to build it"
+            utils.fail((f"--tokens {args.tokens}, the resumed run's cache, holds no complete token cache: pass "
+                        f"--tokens with the cache's place now" if args.resume else
+                        f"--tokens {args.tokens} holds no complete token cache: pass --data-path and --vae to build it")
                        if meta is None else "--data-path needs --vae, the VQ model whose tokens are cached "
                        "(MaskGIT-pytorch: taming's vq-f16-1024)")
         try:
@@ -132,12 +134,19 @@ def main(args):
     if resume_path:
         args.data_path = None  # the cache exists: never rebuilt on resume
     check_args(args, world_size)
+    # a new run into a folder with checkpoints is refused; the folders it writes must be writable
+    utils.check_output_folders(args, *(("tokens",) if args.data_path else ()))
+    args.tokens = os.path.abspath(args.tokens)  # saved with the run: --resume works from any directory
     utils.seed_everything(args.global_seed)  # a scratch autoencoder for the cache: the same weights every time
     precision, autocast = utils.precision_setup(args.precision, device)
 
     # tokens (cached on first use), then the network, before anything is written
     meta, ae = prepare_tokens(args, device)
     h = meta["token_grid"]
+    recorded = resume_ckpt["maskgit"]["tokens"].get("vae_hash") if resume_ckpt is not None else None
+    if recorded not in (None, meta["vae_hash"]):
+        utils.fail(f"--tokens {args.tokens} holds the tokens of another autoencoder than the resumed run's (weights "
+                   f"hash {meta['vae_hash']}, the run's {recorded}): pass the run's cache")
     utils.seed_everything(args.global_seed)  # the initial weights depend on the seed only, not on what caching drew
     try:
         model = models.MaskGIT_models[args.model](input_size=h, codebook_size=meta["codebook_size"],
@@ -254,7 +263,7 @@ def main(args):
                         save_sample_grid(ema if ema is not None else model, ae, meta["class_names"], path, args, device)
                         logger.info(f"sample grid {path}")
                     utils.barrier()
-                if stop_now:
+                if stop_now and step < max_steps:  # on the last step the run just finishes
                     utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
         logger.info(f"done: {ckpt_dir}/latest.pt; sample with: python sample.py --ckpt {ckpt_dir}/latest.pt")
     finally:

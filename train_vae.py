@@ -346,6 +346,7 @@ def main(args):
     resume_path, resume_ckpt = (utils.resume_args(args, FIXED_ON_RESUME, OBJECTIVE_FLAGS, args.allow_changed_flags)
                                 if args.resume else (None, None))
     check_args(args, world_size)
+    utils.check_output_folders(args)  # a new run into a folder with checkpoints is refused
     utils.seed_everything(args.global_seed)  # identical initial weights (scratch models, discriminator) on every rank
     precision, autocast = utils.precision_setup(args.precision, device)
 
@@ -548,6 +549,9 @@ def main(args):
                                          what="loss or gradient norm")
                 scaler_ae.step(opt_ae)
                 scaler_ae.update()
+                if utils.scale_collapsed(scaler_ae):
+                    utils.stop_nonfinite(logger, step, ckpt_dir, "Use --precision bf16 or fp32", what="gradient norm "
+                                         "(every fp16 step skipped: the loss scale fell below 1)")
                 if gan_on:
                     scaler_disc.step(opt_disc)
                     scaler_disc.update()
@@ -573,7 +577,8 @@ def main(args):
                     utils.barrier()
                 if step % args.ckpt_every == 0 or step == max_steps or stop_now:
                     save()
-                if stop_now:  # a clean exit, which also ends --preset demo, which would otherwise go on
+                # a clean exit, which also ends --preset demo; on the last step the final weights are written
+                if stop_now and step < max_steps:
                     utils.exit_on_stop(logger, ckpt_dir, step, f"{ckpt_dir}/latest.pt")
 
         # final weights in our format (EMA when used), plus the diffusers export

@@ -46,9 +46,13 @@ def setup_distributed():
 
 
 def cleanup():
-    """Tear down the process group; safe to call twice or without one."""
+    """Tear down the process group; safe to call twice or without one. Called from a `finally`
+    while an error propagates, it skips the barrier: the other ranks may wait in a collective that
+    never comes, and the error must reach torchrun (which stops them) now, not at the timeout."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        error = sys.exc_info()[1]
+        if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -144,6 +148,20 @@ class Logger:
             self.metrics_file.write(json.dumps({"step": step, **values}) + "\n")
             self.metrics_file.flush()
 
+    def drop_after(self, step):
+        """On resume: metrics.jsonl keeps the records up to `step`, the resumed checkpoint's (a run
+        stopped after its last save logged steps that are now trained again)."""
+        if not self.active:
+            return
+        self.metrics_file.close()
+        path = self.metrics_file.name
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        self.metrics_file = open(path, "a")
+
     def close(self):
         if self.active:
             self.log_file.close()
@@ -216,15 +234,20 @@ def save_checkpoint(obj, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide shared checkpoints and caches from teammates
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            fail(f"could not write {path} ({type(e).__name__}: {e}): is the disk full or the folder not writable?")
         raise
 
 
@@ -261,6 +284,25 @@ def make_run_dir(results_dir, name):
     existing = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()] if is_main() else []
     safe = name.replace("/", "-").replace(":", "-").replace(".", "_")
     return broadcast_object(os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{safe}"))
+
+
+def check_output_folders(args, *folder_flags):
+    """Before any long work: a --run-dir that holds checkpoints is continued with --resume, not
+    overwritten by a new run (a requeued job without --resume), and the folders of `folder_flags`
+    (and --run-dir, --results-dir) can be created and written."""
+    ckpts = os.path.join(args.run_dir, "checkpoints") if args.run_dir else None
+    if ckpts and not args.resume and os.path.isdir(ckpts) and any(f.endswith(".pt") for f in os.listdir(ckpts)):
+        fail(f"--run-dir {args.run_dir} holds a run already: continue it with --resume {args.run_dir}, or choose "
+             f"another --run-dir")
+    for flag in ("run_dir", "results_dir", *folder_flags):
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            fail(f"--{flag.replace('_', '-')} {path}: {existing} is not a writable folder")
 
 
 def explicit_flags(parser, argv=None):
@@ -360,6 +402,7 @@ def restore_training(ckpt, model, ema, opt, scaler, rank, world_size, seed, logg
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     step = ckpt["step"]
+    logger.drop_after(step)
     if len(ckpt["rng"]) == world_size:
         set_rng_state(ckpt["rng"][rank])
     else:
@@ -392,6 +435,9 @@ class StopSignal:
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:  # Ctrl-C twice: stop now, without the save
+            self.close()
+            raise KeyboardInterrupt
         self.requested = True
 
     def close(self):
@@ -411,10 +457,14 @@ def step_flags(loss_values, stop_requested, device):
 
 
 def stop_nonfinite(logger, step, ckpt_dir, advice, what="loss or gradient"):
-    """After step_flags found a NaN/inf: say so, keep the last good checkpoint, and exit with code 3
-    before the step is applied."""
-    logger.info(f"non-finite {what} at step {step}: stopping without applying it; the last good checkpoint in "
-                f"{ckpt_dir} is kept. {advice}, then --resume.")
+    """After step_flags found a NaN/inf in the step after `step` (the steps done): say so, keep the
+    last good checkpoint, and exit with code 3 before the step is applied."""
+    if os.path.isfile(os.path.join(ckpt_dir, "latest.pt")):
+        logger.info(f"non-finite {what} at step {step + 1}: stopping without applying it; the last good checkpoint "
+                    f"in {ckpt_dir} is kept. {advice}, then --resume.")
+    else:
+        logger.info(f"non-finite {what} at step {step + 1}: stopping without applying it, before any checkpoint. "
+                    f"{advice}, and start again.")
     raise SystemExit(3)
 
 
@@ -433,7 +483,15 @@ def optimizer_step(loss, params, opt, scaler, max_norm, stop_requested, device):
     if not nonfinite:
         scaler.step(opt)
         scaler.update()
+        nonfinite = scale_collapsed(scaler)
     return grad_norm, nonfinite, stop_now
+
+
+def scale_collapsed(scaler):
+    """fp16: a loss scale halved below 1 (16 skipped steps in a row from 65536) means gradients that
+    are not finite even unscaled: every update is being skipped, so the run must stop, not go on
+    learning nothing. Equal on every rank (the gradients are all-reduced), so no collective."""
+    return scaler.is_enabled() and scaler.get_scale() < 1.0
 
 
 def exit_on_stop(logger, ckpt_dir, step, resume_from):

@@ -433,7 +433,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path, monke
                                      "--ckpt-every", "2", "--log-every", "1", "--sample-every", "0", "--run-dir", str(run)])
     with pytest.raises(SystemExit) as e:
         train_maskgit.main(args)
-    assert e.value.code == 3 and "non-finite loss or gradient at step 2" in (run / "log.txt").read_text()
+    assert e.value.code == 3 and "non-finite loss or gradient at step 3" in (run / "log.txt").read_text()
     assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == 2
 
 

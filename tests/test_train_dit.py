@@ -312,7 +312,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypa
     with pytest.raises(SystemExit) as e:
         train_dit.main(args)
     assert e.value.code == 3
-    assert "non-finite loss or gradient at step 2" in (run / "log.txt").read_text()
+    assert "non-finite loss or gradient at step 3" in (run / "log.txt").read_text()
     assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == 2
     assert not (run / "checkpoints" / "0000003.pt").exists()
 
@@ -333,6 +333,19 @@ def test_resume_takes_the_runs_flags_and_grids_decode_with_the_caches_autoencode
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     grid = lambda run: np.asarray(Image.open(run / "samples-0000004.png"))
     assert np.array_equal(grid(full), grid(resumed))
+
+    # the run recorded its cache by absolute path; a cache of another autoencoder is refused on resume,
+    # and a new run into the finished folder is refused (a requeued job without --resume)
+    assert json.loads((resumed / "args.json").read_text())["latents"] == str(cache)
+    other = tmp_path / "other"
+    out = run_cli(["--preset", "tiny", "--latents", str(other), "--global-seed", "1", "--max-steps", "1",
+                   "--sample-every", "0", "--run-dir", str(tmp_path / "o")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli(["--resume", str(resumed), "--latents", str(other), "--max-steps", "6"])
+    assert out.returncode == 2 and "of another autoencoder than the resumed run's" in out.stderr
+    out = run_cli([*common, "--max-steps", "2", "--run-dir", str(resumed)])
+    assert out.returncode == 2 and f"continue it with --resume {resumed}" in out.stderr
+    assert utils.load_checkpoint(str(resumed / "checkpoints" / "latest.pt"))["step"] == 4
 
 
 def test_initial_weights_do_not_depend_on_whether_the_cache_was_built(cache, tmp_path):

@@ -368,6 +368,20 @@ class NanGradient(torch.autograd.Function):
         return grad * float("nan")
 
 
+def test_a_stop_on_the_last_step_still_writes_the_final_weights(tmp_path, monkeypatch):
+    """A SIGTERM that lands on the last step finishes the run (autoencoder.pt written, exit 0 without
+    SystemExit), instead of asking for a --resume that has nothing left to do."""
+    class Requested(utils.StopSignal):
+        def __init__(self):
+            super().__init__()
+            self.requested = True
+
+    monkeypatch.setattr(utils, "StopSignal", Requested)
+    run = tmp_path / "run"
+    train_vae.main(train_vae.parse_args(["--preset", "tiny", "--max-steps", "1", "--run-dir", str(run)]))
+    assert (run / "autoencoder.pt").is_file() and "stop requested" not in (run / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("planted", ["loss", "autoencoder-gradient", "discriminator-gradient"])
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, planted):
     """A NaN loss, or a finite loss with a NaN gradient (no fp16 scaler would skip it under bf16 or
@@ -395,7 +409,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, planted
     with pytest.raises(SystemExit) as e:
         train_vae.main(args)
     assert e.value.code == 3
-    assert "non-finite loss or gradient norm at step 2" in (run / "log.txt").read_text()
+    assert "non-finite loss or gradient norm at step 3" in (run / "log.txt").read_text()
     last = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
     assert last["step"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values())
     assert not (run / "checkpoints" / "0000003.pt").exists()

@@ -184,3 +184,84 @@ def test_metrics_write_non_finite_values_as_null(tmp_path):
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1],
                         parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert record == {"step": 3, "train/grad_norm": None, "train/loss": None, "train/lr": 0.5}
+
+
+def test_fp16_run_whose_gradients_never_become_finite_stops():
+    """A gradient that is inf even unscaled: the scaler skips every update and halves its scale;
+    once it is below 1 (17 steps from 65536) the step reports non-finite, so the run stops instead
+    of finishing 'done' having learned nothing."""
+    scaler, w = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), torch.nn.Parameter(torch.ones(3))
+    w.register_hook(lambda g: torch.full_like(g, float("inf")))
+    flags = [_one_step(lambda w: w.sum(), scaler, w)[1] for _ in range(18)]
+    assert flags == [False] * 16 + [True] * 2 and torch.equal(w.detach(), torch.ones(3))
+
+
+def test_resume_drops_the_metrics_of_steps_trained_again(tmp_path):
+    import argparse
+    import json
+
+    logger, _ = utils.open_run(str(tmp_path / "run"), argparse.Namespace(lr=1.0), "first line")
+    for step in range(1, 7):
+        logger.metrics(step, {"train/loss": 1.0 / step})
+    logger.drop_after(4)  # resumed from the step-4 checkpoint: steps 5 and 6 are trained again
+    logger.metrics(5, {"train/loss": 0.5})
+    logger.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_checkpoints_follow_the_umask_and_a_failed_write_names_the_path(tmp_path, monkeypatch):
+    """mkstemp creates files 0600, which would hide a shared cache's autoencoder.pt from teammates;
+    a write that fails (a full disk) is one error naming the file, and leaves no temp file."""
+    old = os.umask(0o022)
+    try:
+        utils.save_checkpoint({"x": torch.ones(1)}, str(tmp_path / "a.pt"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644
+
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        utils.save_checkpoint({"x": torch.ones(1)}, str(tmp_path / "b.pt"))
+    assert e.value.code == 2 and sorted(os.listdir(tmp_path)) == ["a.pt"]
+
+
+def test_a_failing_rank_ends_the_job_at_once_with_its_error(tmp_path):
+    """Rank 1 raises while rank 0 waits in a collective: cleanup in the `finally` skips its barrier,
+    so the error reaches torchrun at once instead of both ranks waiting for the gloo timeout."""
+    script = tmp_path / "fail.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        import torch.distributed as dist
+        import utils
+        rank, world, device = utils.setup_distributed()
+        try:
+            if rank == 1:
+                raise RuntimeError("planted failure on rank 1")
+            dist.all_reduce(torch.ones(1))
+        finally:
+            utils.cleanup()
+    """))
+    import time
+
+    start = time.time()
+    out = run_torchrun(str(script), timeout=100)
+    assert out.returncode != 0 and "planted failure on rank 1" in out.stderr and time.time() - start < 60
+
+
+def test_output_folders_are_checked_before_any_work(tmp_path, capsys):
+    import argparse
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "0000002.pt").write_bytes(b"x")
+    (tmp_path / "file").write_text("x")
+    for args, message in ((dict(run_dir=str(run), resume=None), "holds a run already: continue it with --resume"),
+                          (dict(run_dir=None, resume=None, results_dir=str(tmp_path / "file" / "sub")), "not a writable folder")):
+        with pytest.raises(SystemExit) as e:
+            utils.check_output_folders(argparse.Namespace(**args))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    utils.check_output_folders(argparse.Namespace(run_dir=str(run), resume=str(run), results_dir=str(tmp_path / "new" / "x")))
