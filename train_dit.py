@@ -170,6 +170,8 @@ def main(args):
     objective_spec = (dict(kind="diffusion", num_timesteps=1000) if args.objective == "diffusion" else
                       dict(kind="transport", path=args.path_type, prediction=args.prediction,
                            time_input="repa" if args.repa else "sit"))
+    if resume_ckpt is not None:  # the run's own objective (its time input may have come from --init-from)
+        objective_spec = dict(resume_ckpt["generator"]["objective"])
     repa = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                 qk_norm=args.qk_norm) if args.repa else dict(qk_norm=args.qk_norm)
     recorded = resume_ckpt["generator"]["latent"].get("vae_hash") if resume_ckpt is not None else None
@@ -192,7 +194,7 @@ def main(args):
     notes = []
     if args.init_from and resume_ckpt is None:
         try:
-            start, _ = models.load_generator(args.init_from, args.model, args.trust_checkpoint)
+            start, start_recipe = models.load_generator(args.init_from, args.model, args.trust_checkpoint)
             if start.learn_sigma != model.learn_sigma:
                 utils.fail(f"--init-from {args.init_from} {'predicts' if start.learn_sigma else 'has no'} sigma channels: "
                            f"pass --{'' if start.learn_sigma else 'no-'}learn-sigma to match it")
@@ -202,6 +204,13 @@ def main(args):
                 sd.update({k: v for k, v in model.state_dict().items() if k in fresh})
                 notes.append(f"--init-from {args.init_from} has no REPA projectors: they start fresh")
             model.load_state_dict(sd, strict=True)
+            # a network keeps the time it was trained in: a plain SiT (t = 1 at the data) fed REPA's t
+            # would see time reversed and its velocity negated (recorded in the recipe, for sample.py)
+            start_time = start_recipe.get("objective", {}).get("time_input")
+            if objective_spec["kind"] == "transport" and start_time and start_time != objective_spec["time_input"]:
+                objective_spec["time_input"] = start_time
+                notes.append(f"--init-from {args.init_from} was trained with {'SiT' if start_time == 'sit' else 'REPA'}'s "
+                             f"time input: the run keeps it")
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             utils.fail(f"--init-from {args.init_from} does not fit --model {args.model} on {C}x{h}x{w} latents with "
                        f"{meta['num_classes']} classes: {str(e).strip(chr(34) + chr(39))}")

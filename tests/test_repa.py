@@ -262,6 +262,12 @@ def test_repa_refuses_a_cache_without_images_and_starts_fresh_projectors(repa_ru
                    "--run-dir", str(run)])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no REPA projectors: they start fresh" in (run / "log.txt").read_text()
+    # ... and keep SiT's time input (t = 1 at the data), here and after a resume: REPA's would reverse it
+    assert "trained with SiT's time input: the run keeps it" in (run / "log.txt").read_text()
+    assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["generator"]["objective"]["time_input"] == "sit"
+    out = run_cli(["--resume", str(run), "--max-steps", "2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["generator"]["objective"]["time_input"] == "sit"
     out = run_cli(["--preset", "tiny-repa", "--latents", str(repa_run / "latents"), "--learn-sigma", "--init-from",
                    str(plain / "run" / "checkpoints" / "latest.pt"), "--run-dir", str(tmp_path / "no")])
     assert out.returncode == 2 and "pass --no-learn-sigma" in out.stderr and not (tmp_path / "no").exists()
