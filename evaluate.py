@@ -69,7 +69,7 @@ from tqdm import tqdm
 import models
 from data import list_images, load_rgb, make_dataset
 from utils import (cleanup, download, fail, is_main, load_checkpoint, print0, save_labelled_grid, setup_distributed,
-                   write_json)
+                   unwritable_ancestor, write_json)
 
 # ----------------------------------------------------------------------------- constants
 
@@ -527,12 +527,16 @@ def check_image_array(shape, dtype, chunks, source):
     range; the rest only while every value seen is 0 or 1, so that a batch is refused as "[0, 1]
     floats cast to uint8" only when all of it looks so (a batch may start with black images)."""
     if len(shape) == 4 and shape[1] in (1, 3) and shape[-1] not in (1, 3):
+        gray = " then np.repeat(x, 3, axis=-1) for grayscale" if shape[1] == 1 else ""
         raise InputError(
             f"{source}: images of shape {shape} look NCHW; ADM batches are NHWC (N, H, W, 3): "
-            f"convert with arr.transpose(0, 2, 3, 1)"
+            f"convert with arr.transpose(0, 2, 3, 1){gray}"
         )
     if len(shape) != 4 or shape[-1] != 3:
-        raise InputError(f"{source}: images must have shape (N, H, W, 3) (RGB, NHWC), got {shape}")
+        fix = ("; grayscale: np.repeat(x[..., None], 3, axis=-1)" if len(shape) == 3 else
+               "; grayscale: np.repeat(x, 3, axis=-1)" if len(shape) == 4 and shape[-1] == 1 else
+               "; RGBA: composite on white, or x[..., :3] where alpha is 255" if len(shape) == 4 and shape[-1] == 4 else "")
+        raise InputError(f"{source}: images must have shape (N, H, W, 3) (RGB, NHWC), got {shape}{fix}")
     if dtype.hasobject:
         raise InputError(f"{source}: images are Python objects ({dtype}); ADM batches are uint8 arrays")
     chunks = iter(chunks)
@@ -542,6 +546,8 @@ def check_image_array(shape, dtype, chunks, source):
         if np.issubdtype(dtype, np.floating) and head.size and head.min() >= -1.0 and head.max() <= 1.0:
             fix = ("from [-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8), "
                    "from [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8)")
+        elif dtype == np.bool_:
+            fix = "with x.astype(np.uint8) * 255"
         else:
             fix = "with x.round().clip(0, 255).astype(np.uint8) if they are in [0, 255]"
         raise InputError(f"{source}: images are {dtype}{seen}; ADM batches are uint8 in [0, 255]. Convert them {fix}")
@@ -701,7 +707,7 @@ def open_images(path, image_size=None):
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist: give an ADM .npz, a folder of images or builtin:shapes")
     if not zipfile.is_zipfile(path):
-        raise InputError(f"{path} is not an .npz archive (np.savez) nor a folder of images")
+        raise InputError(f"{path} is not an .npz archive (np.savez; or it is truncated) nor a folder of images")
     return NpzImages(path)
 
 
@@ -866,7 +872,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="scipy"):
         tr_covmean = float(np.trace(covmean))
     else:
         raise ValueError(f"method {method!r}: use scipy or eigh")
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # a distance: round-off takes identical sets to -3e-5 (ADM reports that raw value), not below 0
+    return max(0.0, float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
 
 
 def frechet_distance_from_features(features1, features2):
@@ -1081,8 +1088,11 @@ def reference_batch(path, model, batch_size=64, num_workers=4, image_size=None, 
         if is_main():
             cache = _cache_path(path, _features_key(path, model))
             if os.path.isfile(cache):
-                with np.load(cache) as f:
-                    hit = set(needed) <= set(f.files)
+                try:
+                    with np.load(cache) as f:
+                        hit = set(needed) <= set(f.files)
+                except (OSError, ValueError, zipfile.BadZipFile) as e:  # a damaged copy: recomputed and rewritten
+                    warnings.warn(f"the feature cache {cache} is unreadable ({e}): recomputing it", stacklevel=2)
         cache, hit = _broadcast((cache, hit))
     if hit:
         if is_main():
@@ -1471,6 +1481,13 @@ def evaluate_generation(model, ref, sample, batch_size=64, num_workers=4, image_
     return metrics, notes
 
 
+def check_out(out):
+    """Where the result goes must be writable before the long work starts, or the result is lost."""
+    blocked = unwritable_ancestor(os.path.dirname(os.path.abspath(out)))
+    if blocked:
+        fail(f"{out}: {blocked} is not writable: pass --out with a writable place for the result")
+
+
 def _default_out(sample):
     name = sample.rstrip("/")
     if name.startswith("builtin:"):
@@ -1487,6 +1504,8 @@ def cmd_gen(args, device):
         fail(str(e))
     if not args.ref.startswith("builtin:") and not os.path.exists(args.ref):
         fail(f"--ref {args.ref} does not exist: give an ADM reference batch .npz (or build one with `evaluate.py ref`)")
+    out = args.out or _default_out(args.sample)
+    check_out(out)
     model = _load_model(args, device)
     try:
         metrics, notes = evaluate_generation(
@@ -1498,7 +1517,6 @@ def cmd_gen(args, device):
         return
     if not model.info["comparable"]:
         notes.insert(0, RANDOM_WARNING)
-    out = args.out or _default_out(args.sample)
     result = {
         **metrics,
         "ref": args.ref,
@@ -1897,6 +1915,13 @@ def cmd_figures(args, device):
 
 def main(args):
     rank, world_size, device = setup_distributed()
+    # the result's place is checked before the long work (gen checks its default, next to the sample)
+    if args.command == "figures":
+        blocked = unwritable_ancestor(args.out)
+        if blocked:
+            fail(f"--out {args.out}: {blocked} is not writable: pass --out with a writable folder")
+    elif args.command != "gen":
+        check_out(args.out or os.path.join("results", f"{args.command}.json"))
     try:
         {"gen": cmd_gen, "ref": cmd_ref, "recon": cmd_recon, "equiv": cmd_equiv, "id": cmd_id,
          "figures": cmd_figures}[args.command](args, device)

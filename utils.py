@@ -296,13 +296,18 @@ def check_output_folders(args, *folder_flags):
              f"another --run-dir")
     for flag in ("run_dir", "results_dir", *folder_flags):
         path = getattr(args, flag, None)
-        if not path:
-            continue
-        existing = os.path.abspath(path)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            fail(f"--{flag.replace('_', '-')} {path}: {existing} is not a writable folder")
+        blocked = unwritable_ancestor(path) if path else None
+        if blocked:
+            fail(f"--{flag.replace('_', '-')} {path}: {blocked} is not a writable folder")
+
+
+def unwritable_ancestor(folder):
+    """None when `folder` exists and is writable or can be created; else the path that blocks it
+    (a file, or a folder without write permission, or on a read-only file system)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return None if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK) else existing
 
 
 def explicit_flags(parser, argv=None):

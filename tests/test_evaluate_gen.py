@@ -222,8 +222,13 @@ def test_fid_of_gaussians_closed_form():
 def test_fid_of_a_set_with_itself_is_zero():
     rng = np.random.default_rng(2)
     mu, sigma = random_stats(rng, 300, 32)
-    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
-    assert abs(ev.frechet_distance(mu, sigma, mu, sigma, method="eigh")) < 1e-8
+    assert 0 <= ev.frechet_distance(mu, sigma, mu, sigma) < 1e-8
+    assert 0 <= ev.frechet_distance(mu, sigma, mu, sigma, method="eigh") < 1e-8
+    # few samples: rank-deficient statistics, whose round-off took the distance to -3e-5
+    few = rng.normal(size=(3, 64))
+    mu3, sigma3 = few.mean(0), np.cov(few, rowvar=False)
+    assert ev.frechet_distance(mu3, sigma3, mu3, sigma3) == pytest.approx(0.0, abs=1e-3)
+    assert ev.frechet_distance(mu3, sigma3, mu3, sigma3) >= 0
     with pytest.raises(ValueError, match="different dimensions"):
         ev.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
 
@@ -354,7 +359,10 @@ def test_bad_inputs_are_refused_with_a_clear_message(tmp_path):
         "float.npz": (rng.uniform(-1, 1, size=(4, 8, 8, 3)).astype(np.float32), r"float32.*uint8.*127\.5"),
         "nchw.npz": (rng.integers(0, 256, size=(4, 3, 8, 8), dtype=np.uint8), r"NCHW.*transpose\(0, 2, 3, 1\)"),
         "unit.npz": (rng.integers(0, 2, size=(4, 8, 8, 3), dtype=np.uint8), r"\[0, 1\]"),
-        "gray.npz": (rng.integers(0, 256, size=(4, 8, 8), dtype=np.uint8), r"\(N, H, W, 3\)"),
+        "gray.npz": (rng.integers(0, 256, size=(4, 8, 8), dtype=np.uint8), r"\(N, H, W, 3\).*np\.repeat\(x\[\.\.\., None\], 3"),
+        "gray1.npz": (rng.integers(0, 256, size=(4, 1, 8, 8), dtype=np.uint8), r"transpose\(0, 2, 3, 1\) then np\.repeat"),
+        "rgba.npz": (rng.integers(0, 256, size=(4, 8, 8, 4), dtype=np.uint8), r"RGBA: composite on white"),
+        "bool.npz": (rng.integers(0, 2, size=(4, 8, 8, 3)).astype(bool), r"x\.astype\(np\.uint8\) \* 255"),
     }
     for name, (arr, pattern) in cases.items():
         np.savez(tmp_path / name, arr_0=arr)
@@ -653,6 +661,33 @@ def test_folder_sample_equals_npz_sample_and_cli(cli_run, model):
     from_npz = json.loads((tmp / "single.json").read_text())  # the CLI on sample.npz
     for key in ("fid", "sfid", "is", "precision", "recall"):
         assert from_png[key] == pytest.approx(from_npz[key], rel=1e-5)
+
+
+def test_a_damaged_feature_cache_is_recomputed(cli_run, model):
+    """A cut-short cache file (a bad copy, a full disk) is a miss, rewritten, not a crash forever after."""
+    tmp, *_ = cli_run
+    good = ev.reference_batch(str(tmp / "ref.npz"), model, batch_size=8, num_workers=0)
+    cache = good["cache"]
+    with open(cache, "rb") as f:
+        head = f.read(1000)
+    with open(cache, "wb") as f:
+        f.write(head)
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = ev.reference_batch(str(tmp / "ref.npz"), model, batch_size=8, num_workers=0)
+    np.testing.assert_allclose(again["pool"], good["pool"], rtol=1e-5, atol=1e-4)
+    with np.load(cache) as f:  # rewritten whole
+        assert "pool" in f.files
+
+
+def test_an_unwritable_result_place_is_refused_before_the_work(tmp_path):
+    np.savez(tmp_path / "two.npz", arr_0=np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "file").write_text("x")
+    r = run_cli(["gen", "--ref", "two.npz", "--sample", "two.npz", "--inception-weights", "random",
+                 "--out", "file/metrics.json"], tmp_path)
+    assert r.returncode == 2 and "is not writable: pass --out" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(["recon", "--vae", "scratch:tiny", "--data-path", "builtin:shapes:2", "--image-size", "32",
+                 "--out", "file/recon.json"], tmp_path)
+    assert r.returncode == 2 and "is not writable" in r.stderr
 
 
 def test_cli_refuses_too_few_images(tmp_path):
