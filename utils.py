@@ -155,8 +155,14 @@ class Logger:
             return
         self.metrics_file.close()
         path = self.metrics_file.name
+        kept = []
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except ValueError:  # a line cut short when the run was killed
+                    continue
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)

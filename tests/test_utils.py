@@ -203,6 +203,8 @@ def test_resume_drops_the_metrics_of_steps_trained_again(tmp_path):
     logger, _ = utils.open_run(str(tmp_path / "run"), argparse.Namespace(lr=1.0), "first line")
     for step in range(1, 7):
         logger.metrics(step, {"train/loss": 1.0 / step})
+    logger.metrics_file.write('{"step": 7, "train/lo')  # what a kill in the middle of a write leaves
+    logger.metrics_file.flush()
     logger.drop_after(4)  # resumed from the step-4 checkpoint: steps 5 and 6 are trained again
     logger.metrics(5, {"train/loss": 0.5})
     logger.close()
