@@ -437,6 +437,8 @@ def dataset_labels(dataset):
 
 def read_cache_meta(folder, fmt=CACHE_FORMAT):
     """meta.json of a complete cache of format `fmt` (latents: CACHE_FORMAT, tokens: TOKEN_CACHE_FORMAT), or None."""
+    if os.path.exists(folder) and not os.path.isdir(folder):  # the first thing every cache user reads
+        raise RuntimeError(f"{folder} is a file, not a cache folder: choose another folder")
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
         return None
@@ -473,8 +475,6 @@ def check_cache_matches(meta, fingerprint, folder):
 def check_build_plan(folder, fingerprint):
     """Before a build writes anything into `folder`: an interrupted (or repaired) build must be the
     same build as build.json's, and shards that no build.json explains are refused, not adopted."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise RuntimeError(f"{folder} is a file, not a cache folder: choose another folder")
     build_path = os.path.join(folder, "build.json")
     if os.path.isfile(build_path):
         try:

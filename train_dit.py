@@ -339,8 +339,6 @@ def check_args(args, world_size):
     """Bad input fails here, before any model is built or any file written."""
     if args.latents is None and args.resume is None:
         utils.fail("--latents is required: the latent cache folder (built there from --data-path and --vae if empty)")
-    if args.latents and os.path.exists(args.latents) and not os.path.isdir(args.latents):
-        utils.fail(f"--latents {args.latents} is a file: give a folder for the latent cache")
     if args.data_path and not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
         utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
     if args.global_batch_size <= 0 or args.global_batch_size % world_size:
