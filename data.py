@@ -176,7 +176,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data-path {root} is not a folder: give a folder of images (or builtin:shapes)")
         self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
-        self.min_crop_frac, self.small, self.skip_broken = min_crop_frac, [], skip_broken
+        self.min_crop_frac, self.small, self.skip_broken, self.skipped = min_crop_frac, [], skip_broken, []
         subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith(".")) if class_folders else []
         if subdirs:
             self.classes = subdirs
@@ -196,7 +196,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if check and self.samples:
             with ThreadPoolExecutor(8) as pool:
                 scans = list(pool.map(_scan, [p for p, _ in self.samples]))
-            problems = [problem for problem, _ in scans if problem]
+            problems = self.skipped = [problem for problem, _ in scans if problem]
             if problems:
                 warnings.warn(
                     f"skipping {len(problems)} unreadable image(s) under {root}:\n  " + "\n  ".join(problems), stacklevel=2

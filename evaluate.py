@@ -1202,6 +1202,14 @@ def unique_points(points):
     return unique, len(points) - len(unique)
 
 
+def image_hashes(x):
+    """(N,) int64 content hashes of a batch of images. Duplicate images are found on their pixels:
+    their latents differ in the last bits when encoded in batches of other sizes (1e-7 apart), which
+    no exact comparison catches and which breaks both estimators as a zero distance would."""
+    digest = lambda image: hashlib.blake2b(image.numpy().tobytes(), digest_size=8).digest()  # noqa: E731
+    return torch.tensor([int.from_bytes(digest(image), "little", signed=True) for image in x.cpu()], dtype=torch.int64)
+
+
 @torch.no_grad()
 def knn_distances(points, k, rows=None, block_size=KNN_BLOCK):
     """Euclidean distances (float64, ascending) from the points `rows` (indices; default all) to their
@@ -1290,14 +1298,19 @@ class AEImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_path, image_size, protocol="ours", resize_antialias=True):
-        self.dataset = make_dataset(data_path, image_size, crop="adm" if protocol == "ours" else "none")
+        # an image that breaks while reading stops the run with its name: skipping it would count
+        # the next image twice
+        self.dataset = make_dataset(data_path, image_size, crop="adm" if protocol == "ours" else "none", skip_broken=False)
         self.image_size, self.protocol, self.resize_antialias = image_size, protocol, resize_antialias
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        x, _ = self.dataset[index]
+        try:
+            x, _ = self.dataset[index]
+        except RuntimeError as e:  # an unreadable image, named
+            raise InputError(str(e)) from None
         if self.protocol == "eqvae":
             from torchvision.transforms import InterpolationMode
             from torchvision.transforms import functional as TF
@@ -1353,6 +1366,11 @@ def figure3_transforms(lat):
     """Figure 3's tau on a lat x lat latent: (name, EqTransform) for s = 0.75, 0.5, 0.25, then the rotations."""
     out = [(f"scale_{s}", models.eq_transform(lat, lat, scale=s)) for s in LATENT_SCALES]
     return out + [(f"rot_{90 * k}", models.eq_transform(lat, lat, k=k)) for k in models.EQ_EVAL_ROTATIONS]
+
+
+def realised_scales(lat):
+    """The scales T_s takes on a lat x lat latent: tau resizes to whole latent pixels (models.eq_transform)."""
+    return [round(models.eq_transform(lat, lat, scale=s).new_h / lat, 4) for s in models.EQ_EVAL_SCALES]
 
 
 def equivariance_errors(ae, x, interp="bicubic", antialias=False):
@@ -1483,6 +1501,8 @@ def evaluate_generation(model, ref, sample, batch_size=64, num_workers=4, image_
 
 def check_out(out):
     """Where the result goes must be writable before the long work starts, or the result is lost."""
+    if os.path.isdir(out):
+        fail(f"--out {out} is a folder: give a file name for the result, e.g. {os.path.join(out, 'result.json')}")
     blocked = unwritable_ancestor(os.path.dirname(os.path.abspath(out)))
     if blocked:
         fail(f"{out}: {blocked} is not writable: pass --out with a writable place for the result")
@@ -1594,6 +1614,16 @@ def _load_model(args, device):
 # ----------------------------------------------------------------------------- autoencoder subcommands
 
 
+def _few_images_for_tables(n):
+    """equiv and id: (comparable, note). The paper's tables use the 50k ImageNet validation images;
+    below MIN_FULL_RANK images the estimates (the intrinsic dimension above all) are too noisy to
+    set beside them."""
+    if n >= MIN_FULL_RANK:
+        return True, None
+    return False, (f"{n} images, fewer than {MIN_FULL_RANK}: computed, but NOT comparable with the paper's numbers "
+                   f"(50000 ImageNet validation images)")
+
+
 def _ae_setup(args, device, protocol="ours", resize_antialias=True):
     """What every autoencoder subcommand starts with: checks, the images, the subset, the autoencoders."""
     if args.precision == "tf32" and device.type != "cuda":
@@ -1616,6 +1646,9 @@ def _ae_setup(args, device, protocol="ours", resize_antialias=True):
             fail(f"--image-size {args.image_size} is not a multiple of {spec}'s downsampling factor {ae.downsample_factor}")
         aes.append(ae.to(device).eval().requires_grad_(False))
     notes = []
+    skipped = getattr(dataset.dataset, "skipped", [])  # unreadable files found while listing the folder
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable image(s) left out: {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}")
     if args.num_images is not None and args.num_images > len(dataset):
         notes.append(f"--num-images {args.num_images} but {args.data_path} has {len(dataset)} images: all are used")
     return dataset, indices, aes, notes
@@ -1746,6 +1779,11 @@ def cmd_recon(args, device):
     if args.resize_antialias is not None and args.protocol != "eqvae":
         fail("--resize-antialias only applies to --protocol eqvae (ours uses ADM's center crop)")
     resize_antialias = True if args.resize_antialias is None else args.resize_antialias
+    window = len(ssim_window())
+    if args.image_size < window:
+        fail(f"--image-size {args.image_size}: SSIM's {window}x{window} window needs images of at least {window} px")
+    if args.lpips and args.image_size < 16:  # VGG's four poolings
+        fail(f"--image-size {args.image_size}: LPIPS-VGG needs images of at least 16 px; add --no-lpips")
     dataset, indices, aes, notes = _ae_setup(args, device, args.protocol, resize_antialias)
     try:
         notes.append(_few_images_note(len(indices), f"{args.data_path} ({len(indices)} images evaluated)"))
@@ -1812,11 +1850,18 @@ def cmd_equiv(args, device):
     sums = _all_reduce_sum(sums.to(device)).cpu()
     if not is_main():
         return
-    rows = [{"vae": spec, "kind": ae.kind, "eq_error_rotation": s[0] / s[2], "eq_error_scale": s[1] / s[2]}
+    rows = [{"vae": spec, "kind": ae.kind, "eq_error_rotation": s[0] / s[2], "eq_error_scale": s[1] / s[2],
+             "scales_realised": realised_scales(args.image_size // ae.downsample_factor)}
             for spec, ae, s in zip(args.vae, aes, sums.tolist())]
+    for row, ae in zip(rows, aes):  # tau moves whole latent pixels: a side not divisible by 4 rounds the scales
+        if row["scales_realised"] != list(models.EQ_EVAL_SCALES):
+            notes.append(f"{row['vae']}: its {args.image_size // ae.downsample_factor}-pixel latent side takes the "
+                         f"scales {row['scales_realised']}, not {list(models.EQ_EVAL_SCALES)}")
+    comparable, note = _few_images_for_tables(len(indices))
+    notes += [note] if note else []
     result = {"rows": rows, "num_images": len(indices), "interp": args.interp, "antialias": args.antialias,
               "rotations": ["pi/2", "pi", "3pi/2"], "scales": list(models.EQ_EVAL_SCALES),
-              "E": "posterior mean (KL), pre-quantization features (VQ)", "crop": "ADM center crop", "comparable": True}
+              "E": "posterior mean (KL), pre-quantization features (VQ)", "crop": "ADM center crop", "comparable": comparable}
     table = [[r["vae"], r["kind"], r["eq_error_rotation"], r["eq_error_scale"]] for r in rows]
     _ae_output(args, "equiv", result, ["vae", "kind", "Delta rotation", "Delta scale"], table, notes, t0)
 
@@ -1827,22 +1872,28 @@ def cmd_id(args, device):
     if args.mle_k < 2:
         fail(f"--mle-k {args.mle_k}: the MLE needs at least 2 neighbours")
     dataset, indices, aes, notes = _ae_setup(args, device)
-    if len(indices) <= args.mle_k + 1:
-        fail(f"{len(indices)} images: the intrinsic dimension with --mle-k {args.mle_k} needs more than {args.mle_k + 1}")
-    local = [[] for _ in aes]
+    if len(indices) <= args.mle_k:
+        fail(f"{len(indices)} images: the intrinsic dimension with --mle-k {args.mle_k} needs more than {args.mle_k}")
+    local, hashes = [[] for _ in aes], [torch.zeros(0, dtype=torch.int64)]
     bar = _progress(indices, "latents")
     for x, _ in _ae_loader(dataset, indices, args, device):
+        hashes.append(image_hashes(x))
         x = x.to(device)
         for i, ae in enumerate(aes):
             with _precision_context(args.precision, device):
                 local[i].append(ae_encode(ae, x).flatten(1).cpu())  # (B, C*h*w)
         bar.update(len(x))
     bar.close()
+    # each image once: the first of every set of identical images
+    hashes = _gather_rows(torch.cat(hashes)[:, None], _shard_counts(len(indices)), device)[:, 0].numpy()
+    keep = torch.from_numpy(np.sort(np.unique(hashes, return_index=True)[1]))
+    if len(keep) < len(indices):
+        notes.append(f"{len(indices) - len(keep)} duplicate image(s) dropped: each image counts once")
     rows = []
     for i, ae in enumerate(aes):
         dim = ae.latent_channels * (args.image_size // ae.downsample_factor) ** 2
         mine = torch.cat(local[i]) if local[i] else torch.zeros(0, dim)
-        points = _gather_rows(mine, _shard_counts(len(indices)), device).to(device)  # every rank holds every latent ...
+        points = _gather_rows(mine, _shard_counts(len(indices)), device)[keep].to(device)  # every rank holds every latent ...
         points, duplicates = unique_points(points)
         if len(points) <= args.mle_k:
             fail(f"--vae {args.vae[i]}: only {len(points)} distinct latents, too few for --mle-k {args.mle_k}")
@@ -1852,16 +1903,20 @@ def cmd_id(args, device):
         dists = _gather_rows(dists.cpu(), _shard_counts(len(points)), device)
         if is_main():
             rows.append({"vae": args.vae[i], "kind": ae.kind, "latent_dim": dim, "num_points": len(points),
-                         "duplicates": duplicates, "mle": mle_intrinsic_dimension(dists, args.mle_k),
+                         "duplicate_images": len(indices) - len(keep), "duplicate_latents": duplicates,
+                         "mle": mle_intrinsic_dimension(dists, args.mle_k),
                          "twonn": twonn_intrinsic_dimension(dists)})
             if duplicates:
-                notes.append(f"{args.vae[i]}: {duplicates} duplicate latent(s) dropped before the neighbour search")
+                notes.append(f"{args.vae[i]}: {duplicates} identical latent(s) of different images dropped before the "
+                             f"neighbour search")
         del points
     if not is_main():
         return
+    comparable, note = _few_images_for_tables(len(indices))
+    notes += [note] if note else []
     result = {"rows": rows, "num_images": len(indices), "mle_k": args.mle_k, "twonn_discard": TWONN_DISCARD,
               "E": "posterior mean (KL), pre-quantization features (VQ), flattened", "crop": "ADM center crop",
-              "comparable": True}
+              "comparable": comparable}
     table = [[r["vae"], r["kind"], r["latent_dim"], r["mle"], r["twonn"]] for r in rows]
     _ae_output(args, "id", result, ["vae", "kind", "dim", f"ID MLE (k={args.mle_k})", "ID TwoNN"], table, notes, t0)
 
@@ -1877,29 +1932,37 @@ def cmd_figures(args, device):
     S, names = args.image_size, vae_labels(args.vae)
     show = lambda v: ((v.float() + 1) / 2).clamp(0, 1)  # noqa: E731
     enlarge = lambda v: F.interpolate(v, size=(S, S), mode="nearest") if v.shape[-1] != S else v  # noqa: E731
+
+    def batched(fn):  # fn over x in chunks of --batch-size (a figure of many images must not exhaust memory)
+        with _precision_context(args.precision, device):
+            return torch.cat([fn(chunk) for chunk in x.split(args.batch_size)])
+
     written = {}
 
     # Figure 1 (left): input | top-3 PCA of E(x) per autoencoder, PCA fitted over all these images' latent pixels
     columns = [show(x)]
-    with _precision_context(args.precision, device):
-        columns += [enlarge(pca_rgb(ae_encode(ae, x))) for ae in aes]
+    columns += [enlarge(pca_rgb(batched(lambda v, ae=ae: ae_encode(ae, v)))) for ae in aes]
     labels = ["input"] + [f"{n}\nPCA of E(x)" for n in names]
     save_labelled_grid(columns, labels, os.path.join(args.out, "figure1_latent_pca.png"))
     written["figure1_latent_pca.png"] = labels
 
-    # Figure 2: x | tau x | per autoencoder D(E(tau x)) and D(tau E(x)); smaller outputs enlarged (nearest)
+    # Figure 2: x | tau x | per autoencoder D(E(tau x)) and D(tau E(x)); smaller outputs enlarged (nearest).
+    # tau moves whole latent pixels, so autoencoders of other factors can realise another image tau
+    # (s = 0.5 of a 5-pixel latent is 0.4): each new one gets its own tau x column.
     for fname, kw in ((f"figure2_scale{FIGURE_SCALE}.png", dict(scale=FIGURE_SCALE)),
                       (f"figure2_rotation{90 * FIGURE_QUARTER_TURNS}.png", dict(k=FIGURE_QUARTER_TURNS))):
-        columns, labels = [show(x)], ["x"]
-        for j, (ae, name) in enumerate(zip(aes, names)):
+        columns, labels, drawn = [show(x)], ["x"], set()
+        for ae, name in zip(aes, names):
             lat = S // ae.downsample_factor
             t = models.eq_transform(lat, lat, **kw)
             tau = lambda v: models.apply_eq_transform(v, t, args.interp, args.antialias)  # noqa: E731
-            if j == 0:
+            side = t.new_h * ae.downsample_factor
+            if side not in drawn:
                 columns.append(enlarge(show(tau(x))))
-                labels.append("tau x")
-            with _precision_context(args.precision, device):
-                columns += [enlarge(show(ae_decode(ae, ae_encode(ae, tau(x))))), enlarge(show(ae_decode(ae, tau(ae_encode(ae, x)))))]
+                labels.append("tau x" if not drawn else f"tau x\n{side} px, for {name}")
+                drawn.add(side)
+            columns += [enlarge(show(batched(lambda v, ae=ae, tau=tau: ae_decode(ae, ae_encode(ae, tau(v)))))),
+                        enlarge(show(batched(lambda v, ae=ae, tau=tau: ae_decode(ae, tau(ae_encode(ae, v))))))]
             labels += [f"{name}\nD(E(tau x))", f"{name}\nD(tau E(x))"]
         save_labelled_grid(columns, labels, os.path.join(args.out, fname))
         written[fname] = labels
@@ -1917,6 +1980,8 @@ def main(args):
     rank, world_size, device = setup_distributed()
     # the result's place is checked before the long work (gen checks its default, next to the sample)
     if args.command == "figures":
+        if os.path.isfile(args.out):
+            fail(f"--out {args.out} is a file: figures writes a folder of PNGs; pass a folder")
         blocked = unwritable_ancestor(args.out)
         if blocked:
             fail(f"--out {args.out}: {blocked} is not writable: pass --out with a writable folder")
@@ -1925,6 +1990,8 @@ def main(args):
     try:
         {"gen": cmd_gen, "ref": cmd_ref, "recon": cmd_recon, "equiv": cmd_equiv, "id": cmd_id,
          "figures": cmd_figures}[args.command](args, device)
+    except InputError as e:  # raised while reading; from a DataLoader worker it comes wrapped in its traceback
+        fail(str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1])
     finally:
         cleanup()
 
@@ -2014,8 +2081,9 @@ def parse_args(argv=None):
                        help="ours: ADM center crop, posterior mean, metrics on uint8 images, ADM's Inception input; "
                             "eqvae: the official EQ-VAE eval's conventions (see the README), to compare with published numbers")
     recon.add_argument("--resize-antialias", action=argparse.BooleanOptionalAction, default=None,
-                       help="--protocol eqvae only: antialias in torchvision's Resize (default on, torchvision >= 0.17; "
-                            "the official environment's torchvision 0.8 had none)")
+                       help="--protocol eqvae only: antialias in torchvision's Resize (default on, as torchvision >= 0.17 does "
+                            "on tensors; the official eval.py's environment.yml leaves torchvision unpinned, its training "
+                            "environment pins 0.8.1, which had no antialias)")
     recon.add_argument("--latent-transform", action=argparse.BooleanOptionalAction, default=False,
                        help="also Figure 3: rFID between tau x and D(tau E(x)) for s = 0.75, 0.5, 0.25 and rotations "
                             "pi/2, pi, 3pi/2 (averaged)")

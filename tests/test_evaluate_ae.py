@@ -7,6 +7,7 @@ Run from the repo root: python -m pytest -q tests/test_evaluate_ae.py
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -422,6 +423,86 @@ def test_cli_figures_writes_pngs(ae_files):
             img.load()
             # 64 px cells enlarged to 128, 2 px padding; a text header above the grid
             assert img.mode == "RGB" and img.width == cols * 130 + 2 and img.height > 3 * 130 + 2
+
+
+def test_cli_id_counts_a_duplicated_image_once_whatever_the_batching(ae_files):
+    """Two of nine images are copies. Encoded in batches of other sizes their latents differ in the
+    last bits, which an exact comparison misses (a 1e-7 neighbour distance then wrecks both
+    estimators): copies are found on the pixels, so batch size and process count change nothing.
+    Seven distinct latents are enough for --mle-k 6 (k + 1 points); the estimate is flagged as not
+    comparable with the paper's 50k images."""
+    folder = ae_files / "with-copies"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    for copy, original in ((7, 0), (8, 1)):
+        shutil.copy(folder / f"{original}.png", folder / f"{copy}.png")
+    args = ["id", "--vae", "kl.pt", "--image-size", "64", "--preset", "tiny", "--data-path", str(folder), "--mle-k", "6"]
+    single = run_cli(args + ["--batch-size", "2", "--out", "copies1.json"], ae_files)
+    multi = run_cli(args + ["--batch-size", "3", "--out", "copies2.json"], ae_files, nproc=2)
+    assert single.returncode == 0, single.stderr
+    assert multi.returncode == 0, multi.stderr
+    a, b = (json.loads((ae_files / f).read_text()) for f in ("copies1.json", "copies2.json"))
+    for r in (a, b):
+        assert r["rows"][0]["num_points"] == 7 and r["rows"][0]["duplicate_images"] == 2
+        assert r["comparable"] is False and any("fewer than 2048" in n for n in r["notes"])
+    assert a["rows"][0]["mle"] == pytest.approx(b["rows"][0]["mle"], rel=1e-4)
+    assert a["rows"][0]["twonn"] == pytest.approx(b["rows"][0]["twonn"], rel=1e-4)
+
+
+def test_cli_figures_draws_tau_x_for_each_realised_scale(ae_files):
+    """At 40 px an f4 latent is 10 wide (s = 0.5 gives 5, a 20 px tau x) and an f8 latent 5 wide
+    (s = 0.5 rounds to 2, a 16 px tau x): the f8 model's columns get their own tau x; equiv records
+    the scales each latent realises."""
+    torch.manual_seed(0)
+    config = dict(models.AE_configs["tiny"], ch_mult=[1, 2, 2, 2])
+    models.save_autoencoder(models.build_autoencoder(config), str(ae_files / "kl8.pt"))
+    common = ["--vae", "kl.pt", "--vae", "kl8.pt", "--image-size", "40", "--preset", "tiny", "--data-path", "builtin:shapes:4"]
+    r = run_cli(["figures", *common, "--batch-size", "3", "--out", "figs40"], ae_files)
+    assert r.returncode == 0, r.stderr
+    columns = json.loads((ae_files / "figs40" / "figures.json").read_text())["figures"]["figure2_scale0.5.png"]["columns"]
+    assert columns == ["x", "tau x", "kl.pt: D(E(tau x))", "kl.pt: D(tau E(x))", "tau x: 16 px, for kl8.pt",
+                       "kl8.pt: D(E(tau x))", "kl8.pt: D(tau E(x))"]
+    r = run_cli(["equiv", *common, "--out", "equiv40.json"], ae_files)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((ae_files / "equiv40.json").read_text())["rows"]
+    assert [row["scales_realised"] for row in rows] == [[0.2, 0.5, 0.8], [0.2, 0.4, 0.8]]
+
+
+def test_cli_broken_images_are_left_out_on_record_or_stop_the_run(ae_files):
+    """A PNG whose structure check fails while the folder is listed is left out, and the JSON says so;
+    a truncated JPEG passes that check and fails when read: the run stops naming it (skipping it
+    there would count the next image twice)."""
+    folder = ae_files / "broken"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, ext in enumerate(["png", "png", "png", "jpg"]):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.{ext}")
+    for name in ("0.png", "3.jpg"):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    args = ["equiv", "--vae", "kl.pt", "--image-size", "64", "--preset", "tiny", "--data-path", str(folder)]
+    r = run_cli(args + ["--out", "broken.json"], ae_files)
+    assert r.returncode == 2 and "3.jpg cannot be read" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (folder / "3.jpg").unlink()
+    r = run_cli(args + ["--out", "broken.json"], ae_files)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((ae_files / "broken.json").read_text())
+    assert result["num_images"] == 2 and any("1 unreadable image(s) left out" in n and "0.png" in n for n in result["notes"])
+
+
+def test_cli_bad_input_stops_with_one_line(ae_files):
+    """An --out that is a folder and an image size SSIM cannot window are refused before any work."""
+    folder = ae_files / "a-folder"
+    folder.mkdir()
+    cases = [
+             (["equiv", *AE_ARGS, "--data-path", "builtin:shapes:2", "--out", str(folder)], "is a folder"),
+             (["recon", *AE_ARGS, "--image-size", "8", "--data-path", "builtin:shapes:2", "--inception-weights", "random",
+               "--lpips-random"], "SSIM's 11x11 window")]
+    for argv, message in cases:
+        r = run_cli(argv, ae_files)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("argv", [
