@@ -10,10 +10,17 @@ One GPU:
 torchrun: not used; every benchmark is one process (multi-GPU throughput is per-GPU throughput times N).
 
 Timings drift between runs on shared machines: compare ratios measured in the same run, where
-the contenders are timed interleaved (best of N rounds).
+the contenders are timed interleaved (best of N rounds). On CUDA, "tf32" names full precision as
+the scripts run it (TF32 matmuls and convolutions); on CPU it is "fp32". A benchmark that fails
+prints its traceback and the others still run (one GPU window is precious); the exit code is 1.
 """
 import argparse
+import gc
+import importlib.util
+import os
+import sys
 import time
+import traceback
 from unittest import mock
 
 import numpy as np
@@ -45,6 +52,11 @@ def _interleaved(fns, device, repeats, warmup=1):
             _sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: min(t) for name, t in times.items()}
+
+
+def _full_precision(device):
+    """The name of full precision on this device: the trainers and sample.py allow TF32 on CUDA."""
+    return "tf32" if device.type == "cuda" else "fp32"
 
 
 def _max_rel_err(out, ref):
@@ -114,10 +126,15 @@ def bench_inception(args):
 
 
 def bench_train_vae(args):
-    """One EQ-VAE training step (an EQ step: tau drawn as in training; LPIPS-VGG, PatchGAN with the
-    adaptive weight, both optimizer updates) for each precision, interleaved, through the trainer's
-    own objective (train_vae.eq_vae_objective) and optimizers. GPU: the paper's kl-f8 at 256 px,
-    batch 10 per GPU; CPU: kl-f8 at 128 px, batch 2; --preset tiny: scratch:tiny."""
+    """EQ-VAE training steps (EQ steps: LPIPS-VGG, PatchGAN with the adaptive weight, both optimizer
+    updates) through the trainer's own objective (train_vae.eq_vae_objective) and optimizers, per
+    precision, interleaved. One timed call is a fixed sequence of steps whose tau are drawn as in
+    training from the same seed every call, so every contender sees the same shapes and the counted
+    FLOPs fit every call. Contenders: full precision, bf16 autocast, bf16 with channels_last
+    activations and weights, and on CUDA fp16 with its scaler; on CUDA also a second round with
+    cudnn.benchmark (tuned once per tau shape in the warm-up), and the ten costliest kernels of a bf16
+    call (torch.profiler). GPU: the paper's kl-f8 at 256 px, batch 10 per GPU; CPU: kl-f8 at 128 px,
+    batch 2; --preset tiny: scratch:tiny at 64 px."""
     import random
 
     import models as M
@@ -125,11 +142,11 @@ def bench_train_vae(args):
 
     device = torch.device(args.device)
     if args.preset == "tiny":
-        config, size, batch, repeats = M.AE_configs["tiny"], 64, 2, 2
+        config, size, batch, repeats, steps_per_call = M.AE_configs["tiny"], 64, 2, 2, 2
     elif device.type == "cuda":
-        config, size, batch, repeats = M.AE_configs["kl-f8"], 256, 10, 5
+        config, size, batch, repeats, steps_per_call = M.AE_configs["kl-f8"], 256, 10, 5, 4
     else:
-        config, size, batch, repeats = M.AE_configs["kl-f8"], 128, 2, 2
+        config, size, batch, repeats, steps_per_call = M.AE_configs["kl-f8"], 128, 2, 2, 4
     # the trainer's defaults (the paper's recipe), every step an EQ step, the discriminator on
     vae_args = train_vae.parse_args(["--data-path", "builtin:shapes", "--image-size", str(size), "--eq-prob", "1",
                                      "--disc-start", "0", "--disc-layers", "3" if size >= 128 else "2"])
@@ -138,44 +155,70 @@ def bench_train_vae(args):
     lpips_net = M.load_lpips(random_backbone=True).to(device)  # same FLOPs as the pretrained one
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     logvar = torch.zeros((), device=device)  # LDM's fixed log-variance: not optimised, as in the trainer
-    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-    steps = {}
+    full = _full_precision(device)
+    precisions = [full, "bf16", "bf16_channels_last"] + (["fp16"] if device.type == "cuda" else [])
+    calls = {}
     for precision in precisions:
-        ae = M.build_autoencoder(config).to(device).train()
-        disc = M.NLayerDiscriminator(n_layers=vae_args.disc_layers).to(device).train()
+        memory_format = torch.channels_last if precision.endswith("channels_last") else torch.contiguous_format
+        ae = M.build_autoencoder(config).to(device, memory_format=memory_format).train()
+        disc = M.NLayerDiscriminator(n_layers=vae_args.disc_layers).to(device, memory_format=memory_format).train()
         opt_ae, opt_d = train_vae.build_optimizers(ae, disc, lr=1e-5)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        rng = random.Random(0)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.split("_")[0], torch.float32)
+        images = x.contiguous(memory_format=memory_format)
 
-        def step(ae=ae, disc=disc, opt_ae=opt_ae, opt_d=opt_d, scaler=scaler, dtype=dtype, rng=rng, precision=precision):
-            loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-            with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
-                loss, d_loss, _, _ = train_vae.eq_vae_objective(ae, disc, x, 0, rng, vae_args, logvar, lpips_net, loss_scale)
-            scaler.scale(loss).backward()
-            scaler.scale(d_loss).backward()
-            for opt in (opt_ae, opt_d):
-                scaler.step(opt)
-                opt.zero_grad(set_to_none=True)
-            scaler.update()
+        def call(ae=ae, disc=disc, opt_ae=opt_ae, opt_d=opt_d, scaler=scaler, dtype=dtype, images=images):
+            rng = random.Random(0)  # the same tau sequence every call
+            for _ in range(steps_per_call):
+                loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss, d_loss, _, _ = train_vae.eq_vae_objective(ae, disc, images, 0, rng, vae_args, logvar,
+                                                                     lpips_net, loss_scale)
+                scaler.scale(loss).backward()
+                scaler.scale(d_loss).backward()
+                for opt in (opt_ae, opt_d):
+                    scaler.step(opt)
+                    opt.zero_grad(set_to_none=True)
+                scaler.update()
 
-        steps[precision] = step
-    seconds = _interleaved(steps, device, repeats)
-    result = {"model": "tiny" if args.preset == "tiny" else "kl-f8", "image_size": size, "batch": batch, "device": str(device)}
-    for precision, s in seconds.items():
-        result[f"{precision}_img_s"] = batch / s
-        result[f"{precision}_speedup_vs_fp32"] = seconds["fp32"] / s
+        calls[precision] = call
+    flops = _count_flops(calls[full])
+    seconds = _interleaved(calls, device, repeats)
+    if device.type == "cuda":  # cuDNN's autotuner, once per shape of the call's tau sequence (the warm-up)
+        torch.backends.cudnn.benchmark = True
+        tuned = _interleaved({f"{p}_cudnn_benchmark": calls[p] for p in (full, "bf16", "bf16_channels_last")}, device, repeats)
+        torch.backends.cudnn.benchmark = False
+        seconds.update(tuned)
+    images_per_call = batch * steps_per_call
+    result = {"model": "tiny" if args.preset == "tiny" else "kl-f8", "image_size": size, "batch": batch,
+              "steps_per_call": steps_per_call, "train_tflop_per_step": flops / steps_per_call / 1e12}
+    peaks = _measured_peaks(device, result)
+    for key, s in seconds.items():
+        result[f"{key}_img_s"] = images_per_call / s
+        if key != full:
+            result[f"{key}_speedup_vs_{full}"] = seconds[full] / s
+        _add_mfu(result, key, flops, s, peaks, device)
     if device.type == "cuda":
-        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["bf16_top_kernels"] = _top_kernels(calls["bf16"], device)
     return result
+
+
+def _top_kernels(fn, device, count=10):
+    """The `count` kernels with the most self time in one call of fn: 'name ms; ...' (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        fn()
+        _sync(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)[:count]
+    return "; ".join(f"{e.key} {getattr(e, attribute) / 1e3:.1f} ms" for e in events)
 
 
 def _load_official_dit(folder):
     """The official DiT code from a local clone (--official-dit), imported under other names so
     that it does not shadow our models.py and diffusion.py. Needs timm."""
-    import importlib.util
-    import os
-    import sys
 
     def load(name, path, package_dir=None):
         spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=package_dir)
@@ -191,33 +234,79 @@ def _load_official_dit(folder):
 
 
 def _peak_matmul_flops(device, dtype, size=None, repeats=5):
-    """Measured FLOP/s of one large square matmul: the attainable peak MFU is quoted against here
-    (on CPUs no datasheet number fits the machine a run lands on)."""
+    """Measured FLOP/s of a large square matmul (TF32 on CUDA for float32, as the benchmarks run): the
+    attainable peak MFU is quoted against here (on CPUs no datasheet number fits the machine a run
+    lands on). On GPU ten back-to-back matmuls per timing, so launch and sync overhead stay out."""
     size = size or (8192 if device.type == "cuda" else 2048)
+    count = 10 if device.type == "cuda" else 1
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = _interleaved({"mm": lambda: a @ b}, device, repeats)["mm"]
-    return 2 * size**3 / seconds
+
+    def matmuls():
+        for _ in range(count):
+            a @ b
+
+    seconds = _interleaved({"mm": matmuls}, device, repeats)["mm"]
+    return count * 2 * size**3 / seconds
+
+
+# dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity); the more specific
+# names first, since the SXM parts report only "H100 80GB HBM3" or "H200"
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("H100", 989), ("H200", 989),
+                         ("A100", 312))
+
+
+def _datasheet_bf16_tflops(device):
+    """The datasheet's dense bf16 peak of this GPU, or None (CPU, or a GPU not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for part, tflops in DATASHEET_BF16_TFLOPS if part in name), None)
+
+
+def _add_mfu(result, key, flops, seconds, peaks, device):
+    """MFU of contender `key` (counted FLOPs per call / seconds per call) against the measured matmul
+    peak of its precision, and for bf16 on a known GPU against the datasheet peak."""
+    precision = "bf16" if "bf16" in key else _full_precision(device)
+    result[f"{key}_mfu_vs_measured_peak"] = flops / seconds / peaks[precision]
+    datasheet = _datasheet_bf16_tflops(device)
+    if precision == "bf16" and datasheet:
+        result[f"{key}_mfu_vs_datasheet"] = flops / seconds / (datasheet * 1e12)
+
+
+def _measured_peaks(device, result):
+    """Measured matmul peaks of full precision and bf16 (FLOP/s), also recorded in `result` in TFLOP/s."""
+    peaks = {_full_precision(device): _peak_matmul_flops(device, torch.float32),
+             "bf16": _peak_matmul_flops(device, torch.bfloat16)}
+    for precision, flops in peaks.items():
+        result[f"measured_peak_tflops_{precision}"] = flops / 1e12
+    datasheet = _datasheet_bf16_tflops(device)
+    if datasheet:
+        result["datasheet_peak_tflops_bf16"] = datasheet
+    return peaks
 
 
 def _count_flops(fn):
-    """FLOPs of one call, counted by PyTorch's dispatcher (matmuls, convolutions, attention)."""
+    """FLOPs of one call, counted by PyTorch's dispatcher (matmuls, convolutions, attention). Attention
+    runs on the math kernel while counting: the counter has no formula for CPU's fused kernel (it
+    would count 0), and the math kernel's count equals the fused kernels' on GPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with sdpa_kernel(SDPBackend.MATH), counter:
         fn()
     return counter.get_total_flops()
 
 
 def bench_train_dit(args):
     """One DiT training step as train_dit.py takes it (DDPM loss with learned sigma, backward,
-    gradient norm and NaN check, AdamW, EMA) and one SiT step (linear velocity loss), fp32 and bf16
-    autocast, interleaved with the official DiT code's fp32 step when --official-dit points at a
-    clone of it (same weights, same diffusion). FLOPs are counted on the real step; MFU is against
-    the measured peak of a large matmul and, on GPU, the datasheet bf16 peak of H100/H200 (989
-    TFLOP/s dense). CPU: DiT-S/2 at 4x32x32, batch 8; GPU: DiT-XL/2 at 4x32x32 (256 px), batch 32;
-    --preset tiny: DiT-T/2 at 4x8x8, batch 8."""
+    gradient norm and NaN check, AdamW, EMA) and one SiT step (linear velocity loss), full precision
+    and bf16 autocast, interleaved with the official DiT code's full-precision step when --official-dit
+    points at a clone of it (its own model and diffusion code, initialised by itself, same data).
+    FLOPs are counted on the real step; MFU is against the measured peak of a large matmul and, on a
+    GPU in DATASHEET_BF16_TFLOPS, its datasheet bf16 peak. CPU: DiT-S/2 at 4x32x32, batch 8; GPU:
+    DiT-XL/2 at 4x32x32 (256 px), batch 32; --preset tiny: DiT-T/2 at 4x8x8, batch 8."""
     import copy
 
     import diffusion as D
@@ -231,16 +320,14 @@ def bench_train_dit(args):
         name, size, batch, repeats = "XL/2", 32, 32, 10
     else:
         name, size, batch, repeats = "S/2", 32, 8, 5
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    full = _full_precision(device)
     torch.manual_seed(0)
     x = torch.randn(batch, 4, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     steps, flops = {}, {}
     no_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 train without one
     for family in ("DiT", "SiT"):
-        precisions = ("fp32", "bf16") if family == "DiT" else ("bf16",)
+        precisions = (full, "bf16") if family == "DiT" else ("bf16",)
         for precision in precisions:
             model = M.build_generator(f"{family}-{name}", input_size=size).to(device).train()
             ema = copy.deepcopy(model).requires_grad_(False)
@@ -274,32 +361,26 @@ def bench_train_dit(args):
                 for (_, e), (_, p) in zip(theirs_ema.named_parameters(), theirs.named_parameters()):
                     e.mul_(0.9999).add_(p.data, alpha=1e-4)
 
-        steps["official_dit_fp32"] = official_step
+        steps[f"official_dit_{full}"] = official_step
     seconds = _interleaved(steps, device, repeats)
-    peak = {dt: _peak_matmul_flops(device, dt) for dt in (torch.float32, torch.bfloat16)}
-    result = {"model": f"DiT-{name}", "latent": f"4x{size}x{size}", "batch": batch, "device": str(device),
-              "train_tflop_per_step": flops["dit_fp32"] / 1e12,
-              "measured_peak_tflops_fp32": peak[torch.float32] / 1e12, "measured_peak_tflops_bf16": peak[torch.bfloat16] / 1e12}
+    result = {"model": f"DiT-{name}", "latent": f"4x{size}x{size}", "batch": batch,
+              "train_tflop_per_step": flops[f"dit_{full}"] / 1e12}
+    peaks = _measured_peaks(device, result)
     for key, s in seconds.items():
         result[f"{key}_img_s"] = batch / s
         if key in flops:
-            dtype = torch.bfloat16 if key.endswith("bf16") else torch.float32
-            result[f"{key}_mfu_vs_measured_peak"] = flops[key] / s / peak[dtype]
-            if device.type == "cuda" and dtype == torch.bfloat16:
-                result[f"{key}_mfu_vs_989_tflops"] = flops[key] / s / 989e12
-    if "official_dit_fp32" in seconds:
-        for key in ("dit_fp32", "dit_bf16"):
-            result[f"{key}_speedup_vs_official"] = seconds["official_dit_fp32"] / seconds[key]
-    if device.type == "cuda":
-        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            _add_mfu(result, key, flops[key], s, peaks, device)
+    if f"official_dit_{full}" in seconds:
+        for key in (f"dit_{full}", "dit_bf16"):
+            result[f"{key}_speedup_vs_official"] = seconds[f"official_dit_{full}"] / seconds[key]
     return result
 
 
 def bench_train_repa(args):
     """One REPA training step (the encoder's forward on uint8 images without gradients, the SiT
     with projectors, interpolant + 0.5 x alignment loss, backward, AdamW with clipping, EMA) next to
-    the plain SiT step, fp32 and bf16 autocast. FLOPs (encoder included) counted on the real step;
-    MFU against the measured matmul peak (and, on GPU, 989 TFLOP/s bf16). Random weights (speed does
+    the plain SiT step, full precision and bf16 autocast. FLOPs (encoder included) counted on the real
+    step; MFU as bench_train_dit. Random weights (speed does
     not depend on them). CPU: SiT-S/2 at 4x32x32 with DINOv2-B/14 on 256-px images, batch 8; GPU:
     SiT-XL/2 with DINOv2-B/14, batch 32; --preset tiny: SiT-T/2 at 4x8x8 with ViT-S/14 on 32-px images."""
     import copy
@@ -315,9 +396,7 @@ def bench_train_repa(args):
         name, size, image_size, encoder_name, batch, repeats = "XL/2", 32, 256, "dinov2_vitb14", 32, 10
     else:
         name, size, image_size, encoder_name, batch, repeats = "S/2", 32, 256, "dinov2_vitb14", 8, 3
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    full = _full_precision(device)
     torch.manual_seed(0)
     encoder = M.DINOv2_models[encoder_name]().to(device).eval().requires_grad_(False)
     grid = size // 2
@@ -329,7 +408,7 @@ def bench_train_repa(args):
     steps, flops = {}, {}
     no_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 train without one
     for variant in ("sit", "repa"):
-        for precision in ("fp32", "bf16"):
+        for precision in (full, "bf16"):
             z_dims = [encoder.embed_dim] if variant == "repa" else ()
             model = M.build_generator(f"SiT-{name}", input_size=size, z_dims=z_dims, encoder_depth=min(8, M.DIT_SIZES[name[:-2]][0]),
                                       learn_sigma=False).to(device).train()
@@ -355,26 +434,21 @@ def bench_train_repa(args):
             steps[key] = step
             flops[key] = _count_flops(lambda loss_of=loss_of: loss_of().backward())
     seconds = _interleaved(steps, device, repeats)
-    peak = {dt: _peak_matmul_flops(device, dt) for dt in (torch.float32, torch.bfloat16)}
     result = {"model": f"SiT-{name}", "encoder": encoder_name, "latent": f"4x{size}x{size}", "image": image_size,
-              "batch": batch, "device": str(device), "sit_tflop_per_step": flops["sit_fp32"] / 1e12,
-              "repa_tflop_per_step": flops["repa_fp32"] / 1e12}
+              "batch": batch, "sit_tflop_per_step": flops[f"sit_{full}"] / 1e12, "repa_tflop_per_step": flops[f"repa_{full}"] / 1e12}
+    peaks = _measured_peaks(device, result)
     for key, s in seconds.items():
-        dtype = torch.bfloat16 if key.endswith("bf16") else torch.float32
         result[f"{key}_img_s"] = batch / s
-        result[f"{key}_mfu_vs_measured_peak"] = flops[key] / s / peak[dtype]
-        if device.type == "cuda" and dtype == torch.bfloat16:
-            result[f"{key}_mfu_vs_989_tflops"] = flops[key] / s / 989e12
-    for precision in ("fp32", "bf16"):
+        _add_mfu(result, key, flops[key], s, peaks, device)
+    for precision in (full, "bf16"):
         result[f"repa_{precision}_time_vs_sit"] = seconds[f"repa_{precision}"] / seconds[f"sit_{precision}"]
-    if device.type == "cuda":
-        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
 
 
 def bench_sample_dit(args):
     """DDPM sampling with classifier-free guidance (every step runs the conditional and the
-    null-label batch), the generator alone (decoding excluded): DiT's 250 steps; fp32 and bf16.
+    null-label batch), the generator alone (decoding excluded): DiT's 250 steps; full precision and
+    bf16, each warmed up by a 2-step run (kernel loading and tuning stay out of the timing).
     CPU: DiT-S/2 at 4x32x32, batch 4; GPU: DiT-XL/2, batch 32; --preset tiny: DiT-T/2 at 4x8x8, 25 steps."""
     import diffusion as D
     import models as M
@@ -391,13 +465,15 @@ def bench_sample_dit(args):
     objective = D.make_objective(dict(kind="diffusion"), model)
     y = torch.randint(0, 1000, (batch,), device=device)
 
-    def run(precision):
+    def run(precision, steps=num_steps):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            D.generate(model, objective, D.SampleNoise(0, range(batch), device), y, "ddpm", num_steps, cfg_scale=1.5)
+            D.generate(model, objective, D.SampleNoise(0, range(batch), device), y, "ddpm", steps, cfg_scale=1.5)
 
-    seconds = _interleaved({p: (lambda p=p: run(p)) for p in ("fp32", "bf16")}, device, repeats=1, warmup=0)
-    result = {"model": f"DiT-{name}", "latent": f"4x{size}x{size}", "batch": batch, "steps": num_steps, "cfg": 1.5,
-              "device": str(device)}
+    precisions = (_full_precision(device), "bf16")
+    for precision in precisions:
+        run(precision, steps=2)
+    seconds = _interleaved({p: (lambda p=p: run(p)) for p in precisions}, device, repeats=1, warmup=0)
+    result = {"model": f"DiT-{name}", "latent": f"4x{size}x{size}", "batch": batch, "steps": num_steps, "cfg": 1.5}
     for p, s in seconds.items():
         result[f"{p}_img_s"] = batch / s
     return result
@@ -414,8 +490,8 @@ def _maskgit_size(args, device):
 def bench_train_maskgit(args):
     """One MaskGIT training step as train_maskgit.py takes it (arccos masks, label dropout,
     label-smoothed cross-entropy on the masked tokens, backward, clipping, AdamW with v1.0's betas),
-    fp32 and bf16 autocast, interleaved; FLOPs counted on the real step (forward and backward) and
-    MFU against the measured matmul peak as bench_train_dit (on GPU also the 989 TFLOP/s datasheet)."""
+    full precision and bf16 autocast, interleaved; FLOPs counted on the real step (forward and
+    backward) and MFU as bench_train_dit."""
     import models as M
     import train_maskgit
     import utils as U
@@ -423,14 +499,12 @@ def bench_train_maskgit(args):
     device = torch.device(args.device)
     name, side, batch = _maskgit_size(args, device)
     repeats = 3 if args.preset == "tiny" else (10 if device.type == "cuda" else 3)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     z = torch.randint(0, 1024, (batch, side, side), device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     steps, flops = {}, {}
     no_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 train without one
-    for precision in ("fp32", "bf16"):
+    for precision in (_full_precision(device), "bf16"):
         model = M.MaskGIT_models[name](input_size=side).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=1e-5, fused=True)
 
@@ -446,25 +520,19 @@ def bench_train_maskgit(args):
         steps[precision] = step
         flops[precision] = _count_flops(lambda loss_of=loss_of: loss_of().backward())
     seconds = _interleaved(steps, device, repeats)
-    peak = {dt: _peak_matmul_flops(device, dt) for dt in (torch.float32, torch.bfloat16)}
-    result = {"model": name, "tokens": f"{side}x{side}", "batch": batch, "device": str(device),
-              "train_tflop_per_step": flops["fp32"] / 1e12, "measured_peak_tflops_fp32": peak[torch.float32] / 1e12,
-              "measured_peak_tflops_bf16": peak[torch.bfloat16] / 1e12}
+    result = {"model": name, "tokens": f"{side}x{side}", "batch": batch,
+              "train_tflop_per_step": flops[_full_precision(device)] / 1e12}
+    peaks = _measured_peaks(device, result)
     for precision, s in seconds.items():
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         result[f"{precision}_img_s"] = batch / s
-        result[f"{precision}_mfu_vs_measured_peak"] = flops[precision] / s / peak[dtype]
-        if device.type == "cuda" and precision == "bf16":
-            result["bf16_mfu_vs_989_tflops"] = flops[precision] / s / 989e12
-    if device.type == "cuda":
-        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        _add_mfu(result, precision, flops[precision], s, peaks, device)
     return result
 
 
 def bench_sample_maskgit(args):
     """MaskGIT decoding as sample.py runs it: 8 arccos steps, Gumbel temperature 4.5, guidance 4
     (v1.0's w = 3; every step but the first runs the conditional and the null-class batch), the
-    transformer alone (VQ decoding excluded); fp32 and bf16. Sizes as bench_train_maskgit."""
+    transformer alone (VQ decoding excluded); full precision and bf16. Sizes as bench_train_maskgit."""
     import models as M
 
     device = torch.device(args.device)
@@ -478,8 +546,8 @@ def bench_sample_maskgit(args):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             M.maskgit_generate(model, y, generators, num_steps=8, cfg_scale=4.0)
 
-    seconds = _interleaved({p: (lambda p=p: run(p)) for p in ("fp32", "bf16")}, device, repeats=3)
-    result = {"model": name, "tokens": f"{side}x{side}", "batch": batch, "steps": 8, "cfg": 4.0, "device": str(device)}
+    seconds = _interleaved({p: (lambda p=p: run(p)) for p in (_full_precision(device), "bf16")}, device, repeats=3)
+    result = {"model": name, "tokens": f"{side}x{side}", "batch": batch, "steps": 8, "cfg": 4.0}
     for p, s in seconds.items():
         result[f"{p}_img_s"] = batch / s
     return result
@@ -493,15 +561,36 @@ BENCHMARKS = {"inception": bench_inception, "train_vae": bench_train_vae, "train
 
 
 def main(args):
-    results = {}
+    device = torch.device(args.device)
+    header = {"torch": torch.__version__, "device": args.device, "preset": args.preset}
+    if device.type == "cuda":
+        header.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    print(", ".join(f"{k}={v}" for k, v in header.items()), flush=True)
+    results, failed = {}, []
     for name in args.only or list(BENCHMARKS):
+        # each benchmark starts from the scripts' settings (TF32 on CUDA) and its own memory peak
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.time()
-        results[name] = BENCHMARKS[name](args)
+        try:
+            results[name] = BENCHMARKS[name](args)
+        except Exception:  # one failure must not cost the other benchmarks of a GPU window
+            traceback.print_exc()
+            print(f"{name}: failed (traceback above)", flush=True)
+            failed.append(name)
+            continue
+        if device.type == "cuda":  # every contender of the benchmark is held at once: an upper bound for one run
+            results[name]["peak_mem_gb_all_contenders"] = torch.cuda.max_memory_allocated(device) / 2**30
         line = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results[name].items())
         print(f"{name}: {line} ({time.time() - t0:.0f} s)", flush=True)
     if args.out:
-        write_json(args.out, {"torch": torch.__version__, "device": args.device, "preset": args.preset, "results": results})
+        write_json(args.out, dict(header, results=results, failed=failed))
         print(f"wrote {args.out}")
+    if failed:
+        sys.exit(f"failed: {' '.join(failed)}")
 
 
 def parse_args(argv=None):
@@ -512,8 +601,27 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: small batches and few repeats (CPU smoke runs)")
     parser.add_argument("--out", default=None, help="JSON file for all results")
     parser.add_argument("--official-dit", default=None,
-                        help="a local clone of facebookresearch/DiT (needs timm): train_dit also times its fp32 step")
-    return parser.parse_args(argv)
+                        help="a local clone of facebookresearch/DiT (needs timm): train_dit also times its full-precision step")
+    args = parser.parse_args(argv)
+    # bad input fails here, before minutes of benchmarks
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no CUDA device here; use --device cpu")
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if os.path.isdir(args.out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"--out {args.out}: give a JSON file name in an existing writable folder")
+    if args.official_dit:
+        if args.only and "train_dit" not in args.only:
+            parser.error("--official-dit is timed by the train_dit benchmark: add train_dit to --only")
+        if args.preset == "tiny":
+            parser.error("--official-dit: the official code has no DiT-T/2 (--preset tiny's model); drop --preset tiny")
+        missing = [p for p in ("models.py", os.path.join("diffusion", "__init__.py"))
+                   if not os.path.isfile(os.path.join(args.official_dit, p))]
+        if missing:
+            parser.error(f"--official-dit {args.official_dit}: not a clone of facebookresearch/DiT (no {', '.join(missing)})")
+        if importlib.util.find_spec("timm") is None:  # the official models.py imports it
+            parser.error("--official-dit: the official DiT code needs timm (pip install timm)")
+    return args
 
 
 if __name__ == "__main__":

@@ -1,23 +1,38 @@
-"""bench.py's DiT benchmarks run and report sane numbers; the official-code hook imports a clone
-without shadowing our models.py and diffusion.py."""
+"""bench.py's benchmarks run and report sane numbers, attention included in the FLOP count; the
+command line refuses bad input up front and survives a failing benchmark; the official-code hook
+imports a clone without shadowing our models.py and diffusion.py."""
 import argparse
+import json
 import sys
 import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
 
 import bench
 import diffusion
 import models
 
 
+def test_attention_flops_are_counted_on_cpu():
+    """Forward QK^T and AV (2 FLOPs per multiply-add each: 4 B H T^2 d), backward twice that: 12 B H T^2 d.
+    PyTorch's counter has no formula for CPU's fused attention kernel and would count 0."""
+    B, H, T, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(B, H, T, d, requires_grad=True) for _ in range(3))
+    assert bench._count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == 12 * B * H * T**2 * d
+
+
 def test_dit_benchmarks_tiny():
     args = argparse.Namespace(device="cpu", preset="tiny", official_dit=None)
     train = bench.bench_train_dit(args)
     # counted FLOPs of a DiT-T/2 step: forward + backward is about 3x the forward's 2 FLOPs per
-    # weight per token of the attention and MLP linears (batch 8, 16 tokens); a count of the
-    # forward alone would be a third of that
+    # weight per token of the attention and MLP linears (batch 8, 16 tokens) plus the attention
+    # itself (4 T^2 x hidden per layer and image); a count of the forward alone would be a third
     net = models.build_generator("DiT-T/2", input_size=8)
     token_weights = sum(p.numel() for n, p in net.named_parameters() if ".attn." in n or ".mlp." in n)
-    estimate = 3 * 2 * token_weights * 16 * 8
+    attention = 4 * 16**2 * net.x_embedder.proj.out_channels * len(net.blocks)
+    estimate = 3 * (2 * token_weights * 16 + attention) * 8
     assert 0.9 * estimate < train["train_tflop_per_step"] * 1e12 < 1.3 * estimate
     for key in ("dit_fp32", "dit_bf16", "sit_bf16"):
         assert train[f"{key}_img_s"] > 0 and 0 < train[f"{key}_mfu_vs_measured_peak"] < 1.5
@@ -55,3 +70,44 @@ def test_official_clone_is_imported_under_other_names(tmp_path):
     assert theirs_models.DiT_models["DiT-T/2"] == "theirs"
     assert theirs_diffusion.create_diffusion("") == "their diffusion"
     assert sys.modules["models"] is models and sys.modules["diffusion"] is diffusion
+
+
+def test_command_line_writes_json_and_survives_a_failing_benchmark(tmp_path, monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setitem(bench.BENCHMARKS, "broken", broken)
+    out = tmp_path / "bench.json"
+    args = bench.parse_args(["--only", "train_vae", "sample_maskgit", "--preset", "tiny", "--device", "cpu", "--out", str(out)])
+    args.only.insert(0, "broken")  # first, so the two after it must still run
+    with pytest.raises(SystemExit, match="failed: broken"):
+        bench.main(args)
+    saved = json.loads(out.read_text())
+    assert saved["failed"] == ["broken"] and sorted(saved["results"]) == ["sample_maskgit", "train_vae"]
+    vae = saved["results"]["train_vae"]
+    for key in ("fp32", "bf16", "bf16_channels_last"):
+        assert vae[f"{key}_img_s"] > 0 and 0 < vae[f"{key}_mfu_vs_measured_peak"] < 1.5
+    assert vae["train_tflop_per_step"] > 0 and "RuntimeError: out of memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{tmp}"], "give a JSON file name"),
+    (["--out", "{tmp}/missing/bench.json"], "give a JSON file name"),
+    (["--only", "train_dit", "--official-dit", "{tmp}"], "not a clone of facebookresearch/DiT"),
+    (["--only", "sample_dit", "--official-dit", "{tmp}"], "add train_dit to --only"),
+    (["--preset", "tiny", "--official-dit", "{tmp}"], "no DiT-T/2"),
+])
+def test_bad_flags_fail_before_any_benchmark(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args(["--device", "cpu"] + [a.format(tmp=tmp_path) for a in argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_datasheet_peak_prefers_the_specific_part(monkeypatch):
+    """An H100 PCIe is not quoted against the SXM part's 989 TFLOP/s; unknown GPUs get no datasheet MFU."""
+    cuda = torch.device("cuda")
+    for name, tflops in (("NVIDIA H100 PCIe", 756), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200 NVL", 835),
+                         ("NVIDIA H200", 989), ("NVIDIA GeForce RTX 4090", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bench._datasheet_bf16_tflops(cuda) == tflops
+    assert bench._datasheet_bf16_tflops(torch.device("cpu")) is None
