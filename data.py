@@ -148,14 +148,14 @@ def list_images(root):
 
 
 def _scan(path):
-    """(problem or None, short side) from the file's header and structure."""
+    """(problem or None, (width, height)) from the file's header and structure."""
     try:
         with Image.open(path) as img:
-            size = min(img.size)
+            size = img.size
             img.verify()  # structure check; truncated pixel data is caught again at load time
         return None, size
     except Exception as e:
-        return f"{path} ({type(e).__name__}: {e})", 0
+        return f"{path} ({type(e).__name__}: {e})", (0, 0)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -168,7 +168,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     (truncated data) is named and replaced by the next readable image, or, with
     `skip_broken=False` (cache builds, whose labels are fixed up front), stops the run. `min_size`
     lists the images whose short side is below it in `self.small` (the crops enlarge them; the
-    trainer says so once).
+    trainer says so once); `self.sizes` holds each image's (width, height).
     """
 
     def __init__(self, root, image_size, crop="adm", flip=False, class_folders=True, min_size=None, check=True, seed=0,
@@ -177,6 +177,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"--data-path {root} is not a folder: give a folder of images (or builtin:shapes)")
         self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
         self.min_crop_frac, self.small, self.skip_broken, self.skipped = min_crop_frac, [], skip_broken, []
+        self.sizes = []  # (width, height) of each image, read while checking the folder
         subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith(".")) if class_folders else []
         if subdirs:
             self.classes = subdirs
@@ -202,7 +203,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     f"skipping {len(problems)} unreadable image(s) under {root}:\n  " + "\n  ".join(problems), stacklevel=2
                 )
             if min_size is not None:
-                self.small = [p for (p, _), (problem, side) in zip(self.samples, scans) if not problem and side < min_size]
+                self.small = [p for (p, _), (problem, size) in zip(self.samples, scans) if not problem and min(size) < min_size]
+            self.sizes = [size for problem, size in scans if not problem]
             self.samples = [s for s, (problem, _) in zip(self.samples, scans) if not problem]
         if not self.samples:
             raise RuntimeError(f"no readable image found under {root} (extensions: {', '.join(IMG_EXTENSIONS)})")

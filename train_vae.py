@@ -49,8 +49,10 @@ def forward_step(ae, x, tau, interp, antialias):
 
 
 def explicit_loss(ae, x, tau, stop_grad, interp, antialias):
-    """App. A.1, Eq. 4: ||tau E(x) - E(tau x)||^2, a squared norm per image (summed over the latent's
-    C, h, w like the reconstruction and KL terms), averaged over the batch; optionally sg[E(tau x)]."""
+    """App. A.1, Eq. 4: ||tau E(x) - E(tau x)||^2 per image, averaged over the batch; optionally
+    sg[E(tau x)]. Normalised as the model's other terms, so that lambda weighs it alike: summed over
+    the latent's C, h, w for KL models (LDM sums the reconstruction and KL per image), a mean over
+    them for VQ models (taming averages the reconstruction, codebook and commitment terms)."""
     core = utils.unwrap(ae)
     tz = models.apply_eq_transform(core.encode_features(x), tau, interp, antialias)
     tx = models.apply_eq_transform(x, tau, interp, antialias)
@@ -59,7 +61,8 @@ def explicit_loss(ae, x, tau, stop_grad, interp, antialias):
             ztx = core.encode_features(tx)
     else:
         ztx = core.encode_features(tx)
-    return (tz.float() - ztx.float()).square().flatten(1).sum(1).mean()
+    per_element = (tz.float() - ztx.float()).square().flatten(1)
+    return (per_element.sum(1) if core.kind == "kl" else per_element.mean(1)).mean()
 
 
 def adaptive_gan_weight(nll_loss, g_loss, last_layer, disc_weight, loss_scale=1.0):
@@ -266,6 +269,10 @@ def check_args(args, world_size):
     if args.eq_mode != "implicit" and "eq_prob" in args.cli_flags:
         utils.fail(f"--eq-prob applies to --eq-mode implicit only: the {args.eq_mode} loss joins every step (App. A.1); "
                    f"remove --eq-prob")
+    if args.eq_mode == "implicit" and "explicit_weight" in args.cli_flags:
+        utils.fail("--explicit-weight weighs the App. A.1 term of --eq-mode explicit|explicit-sg: add one, or remove it")
+    if args.eq_transform in ("scale", "anisotropic") and "eq_angles" in args.cli_flags:
+        utils.fail(f"--eq-angles has no effect with --eq-transform {args.eq_transform} (no rotation): remove one of them")
     if "restore_optimizer" in args.cli_flags and args.resume:
         utils.fail("--restore-optimizer restores the starting --vae checkpoint's Adam; --resume restores its own: remove it")
     for flag in ("lr", "base_lr", "demo_base_lr", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor",
@@ -292,6 +299,24 @@ def check_args(args, world_size):
 
 
 KIND_ONLY_FLAGS = {"kl": ("kl_weight", "logvar"), "vq": ("codebook_weight",)}
+
+
+def image_shape(args, dataset, factor):
+    """(width, height) of the training images: --image-size, or with --crop none the images' own size,
+    which must be one size for all (they are stacked into batches) and a multiple of the factor."""
+    width = height = args.image_size
+    sizes = getattr(dataset, "sizes", None)
+    if args.crop == "none" and sizes:  # a folder (builtin:shapes draws --image-size)
+        other = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+        if other is not None:
+            utils.fail(f"--crop none stacks whole images into batches, so they must share one size: "
+                       f"{dataset.samples[0][0]} is {'x'.join(map(str, sizes[0]))}, {dataset.samples[other][0]} is "
+                       f"{'x'.join(map(str, sizes[other]))}; use --crop random or adm")
+        width, height = sizes[0]
+    if width % factor or height % factor:
+        what = f"--image-size {args.image_size}" if (width, height) == (args.image_size,) * 2 else f"the images' size {width}x{height}"
+        utils.fail(f"{what} is not a multiple of the autoencoder's downsampling factor {factor}")
+    return width, height
 
 
 def check_kind_flags(args, kind):
@@ -392,27 +417,33 @@ def main(args):
         dataset = data.make_dataset(args.data_path, args.image_size, crop=args.crop, flip=args.flip, class_folders=False,
                                     min_size=args.image_size if args.crop != "none" else None, seed=args.global_seed,
                                     min_crop_frac=args.min_crop_frac)
+    except (OSError, ValueError, RuntimeError) as e:
+        utils.fail(str(e))
+    width, height = image_shape(args, dataset, ae.downsample_factor)
+    try:
         eval_x = held_out_batch(args, dataset)
     except (OSError, ValueError, RuntimeError) as e:
         utils.fail(str(e))
     if getattr(dataset, "small", None):  # as the official pipeline, which resizes every crop to the target
         notes.append(f"{len(dataset.small)} image(s) under {args.data_path} have a short side below "
                      f"{args.image_size}px (first: {dataset.small[0]}): their crops are enlarged")
-    if args.image_size % ae.downsample_factor:
-        utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's downsampling factor {ae.downsample_factor}")
-    lat = args.image_size // ae.downsample_factor
-    smallest_side = models.eq_transform(lat, lat, scale=min(args.eq_scales)).new_h if args.eq_scales else min(models.scale_grid(lat))
+    # the smallest image the discriminator and LPIPS see: a downscaled one when EQ steps scale (the
+    # explicit term's tau x only meets the encoder) or the low-resolution prior preservation runs
+    lat = min(width, height) // ae.downsample_factor
+    scaled = args.lowres_prob > 0 or (args.eq_mode == "implicit" and args.eq_prob > 0 and args.eq_transform != "rotation")
+    smallest_side = (lat if not scaled else models.eq_transform(lat, lat, scale=min(args.eq_scales)).new_h if args.eq_scales
+                     else min(models.scale_grid(lat)))
     smallest = smallest_side * ae.downsample_factor
-    try:  # shape inference on the meta device: does the PatchGAN fit the smallest transformed image?
+    try:  # shape inference on the meta device: does the PatchGAN fit the smallest image it is shown?
         with torch.device("meta"):
             models.NLayerDiscriminator(ndf=1, n_layers=args.disc_layers).eval()(torch.zeros(1, 3, smallest, smallest))
     except RuntimeError:
         if args.disc_weight > 0:
-            utils.fail(f"the {args.disc_layers}-layer discriminator cannot see the smallest transformed image "
-                       f"({smallest}px): use a larger --image-size or a smaller --disc-layers")
+            utils.fail(f"the {args.disc_layers}-layer discriminator cannot see the smallest image it is shown "
+                       f"({smallest}px): use larger images or a smaller --disc-layers")
     if args.perceptual_weight > 0 and smallest < 16:  # VGG's four max-pools leave nothing of a smaller image
-        utils.fail(f"LPIPS-VGG needs images of 16px or more, and the smallest transformed image is {smallest}px: use a "
-                   f"larger --image-size (or --eq-scales), or --perceptual-weight 0")
+        utils.fail(f"LPIPS-VGG needs images of 16px or more, and the smallest image it is shown is {smallest}px: use "
+                   f"larger images (or --eq-scales), or --perceptual-weight 0")
     lpips_net = models.load_lpips(args.lpips_random).to(device) if args.perceptual_weight > 0 else None
     if args.lpips_random and lpips_net is not None:
         notes.append("LPIPS uses a RANDOM VGG backbone (--lpips-random): its values are not comparable to anything")

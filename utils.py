@@ -382,6 +382,9 @@ def resume_args(args, fixed, changeable=(), allow_changed=False):
         ckpt = load_checkpoint(path, args.trust_checkpoint)
     except (OSError, RuntimeError) as e:
         fail(f"--resume {path}: {e}")
+    if not isinstance(ckpt, dict) or not {"args", "step"} <= ckpt.keys():
+        fail(f"--resume {path} holds weights, not a training state (no saved flags and step): start a new run from "
+             f"it (train_vae.py --vae FILE, the other trainers --init-from FILE), or resume RUN/checkpoints/latest.pt")
     saved = ckpt["args"]
     changed = changed_flags(args, saved, fixed)
     if changed:

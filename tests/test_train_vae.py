@@ -114,6 +114,21 @@ def test_explicit_loss_by_hand():
     assert got.item() == pytest.approx(F.mse_loss(torch.rot90(z, 1, dims=(-2, -1)), z_rot).item() * z[0].numel(), rel=1e-5)
 
 
+def test_explicit_loss_of_a_vq_model_is_an_element_mean():
+    """For VQ models Eq. 4 is averaged over the latent's elements, as taming averages the
+    reconstruction, codebook and commitment terms (a sum would weigh lambda C x h x w times more
+    than on the KL models); here for a scale, which resamples both sides."""
+    torch.manual_seed(0)
+    ae = models.build_autoencoder(models.AE_configs["tiny-vq"])
+    x = torch.randn(2, 3, 64, 64)
+    tau = models.eq_transform(16, 16, scale=0.5)
+    with torch.no_grad():
+        got = train_vae.explicit_loss(ae, x, tau, False, "bicubic", True)
+        tz = F.interpolate(ae.encode_features(x), size=(8, 8), mode="bicubic", antialias=True)
+        ztx = ae.encode_features(F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True))
+    assert got.item() == pytest.approx(F.mse_loss(tz, ztx).item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["explicit", "explicit-sg"])
 def test_explicit_term_joins_every_step(mode):
     """App. A.1: L_VAE + lambda L_explicit on every step (no EQ branch): the loss is the standard
@@ -221,14 +236,27 @@ def test_tiny_smoke_single_process(tmp_path, config):
     assert ae.kind == ("kl" if config == "tiny" else "vq")
 
 
-def test_explicit_mode_two_processes_log_the_same_keys(tmp_path):
-    """The explicit term is logged on every step, 0 before --eq-start, over 2 processes (one set of keys)."""
-    run = tmp_path / "run"
-    out = run_cli(["--preset", "tiny", "--eq-mode", "explicit-sg", "--eq-start", "2", "--log-every", "1",
-                   "--ckpt-every", "100", "--run-dir", str(run)], nproc=2, timeout=180)
+def test_two_process_resume_equals_the_uninterrupted_run(tmp_path):
+    """On 2 processes, a VQ model with the explicit term from step 2, two micro-batches per step and
+    an EMA: resumed at step 2, the step-4 weights, discriminator and EMA equal the uninterrupted run's
+    bit for bit (every rank's tau and branch streams are restored). The explicit term is logged on
+    every step, 0 before --eq-start (one set of keys on both ranks)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--preset", "tiny", "--vae", "scratch:tiny-vq", "--eq-mode", "explicit-sg", "--eq-start", "2",
+              "--grad-accum", "2", "--ema-decay", "0.9", "--log-every", "1", "--ckpt-every", "2"]
+    out = run_cli([*common, "--run-dir", str(full)], nproc=2, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
-    explicit = [r["train/explicit"] for r in read_metrics(run) if "train/loss" in r]
+    explicit = [r["train/explicit"] for r in read_metrics(full) if "train/loss" in r]
     assert len(explicit) == 4 and explicit[:2] == [0.0, 0.0] and min(explicit[2:]) > 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.link(full / "checkpoints" / "0000002.pt", resumed / "checkpoints" / "0000002.pt")
+    out = run_cli([*common, "--resume", str(resumed / "checkpoints" / "0000002.pt")], nproc=2, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = (utils.load_checkpoint(str(run / "checkpoints" / "0000004.pt")) for run in (full, resumed))
+    assert a["ema"] is not None
+    for part in ("model", "discriminator", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after a 2-process resume"
 
 
 def test_tiny_smoke_two_processes_and_diffusers_export(tmp_path):
@@ -309,6 +337,27 @@ def test_small_images_are_enlarged_and_non_square_batches_train(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     train = [r for r in read_metrics(run) if "train/loss" in r]
     assert train[-1]["step"] == 2 and train[-1]["train/eq_steps"] == 1.0
+
+
+def test_whole_images_are_checked_before_the_run_starts(tmp_path):
+    """--crop none stacks whole images: mixed sizes, a size off the latent grid, or images too small
+    for LPIPS are refused naming the files, before any folder is written. A rotation-only or an
+    explicit-mode run never downscales what the discriminator and LPIPS see, so 32 px is enough."""
+    make_images(tmp_path / "mixed", [(64, 64), (64, 64), (80, 64)])
+    make_images(tmp_path / "odd", [(70, 50)] * 2)
+    make_images(tmp_path / "small", [(40, 40)] * 2)
+    results = tmp_path / "r"
+    for folder, message in (("mixed", "must share one size"), ("odd", "the images' size 70x50 is not a multiple"),
+                            ("small", "LPIPS-VGG needs images of 16px or more, and the smallest image it is shown is 12px")):
+        out = run_cli(["--preset", "tiny", "--data-path", str(tmp_path / folder), "--crop", "none", "--results-dir", str(results)])
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "0.png is 64x64" in run_cli(["--preset", "tiny", "--data-path", str(tmp_path / "mixed"), "--crop", "none"]).stderr
+    assert not results.exists()
+    for flags in (["--eq-transform", "rotation"], ["--eq-mode", "explicit"]):
+        run = tmp_path / f"run-{flags[1]}"
+        out = run_cli(["--preset", "tiny", "--image-size", "32", "--max-steps", "1", "--eval-every", "100", *flags,
+                       "--run-dir", str(run)])
+        assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_a_lightning_checkpoint_brings_its_optimizer_state(tmp_path):
@@ -444,6 +493,13 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
     assert (tmp_path / "demo" / "demo.json").read_text() == "kept"
     out = run_cli(["--preset", "tiny", "--lr", "-1", "--results-dir", str(tmp_path / "r")])
     assert out.returncode == 2 and "--lr -1.0 is out of range" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli(["--preset", "tiny", "--explicit-weight", "5", "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "--explicit-weight weighs the App. A.1 term" in out.stderr
+    out = run_cli(["--preset", "tiny", "--eq-transform", "scale", "--eq-angles", "90", "--results-dir", str(tmp_path / "r")])
+    assert out.returncode == 2 and "--eq-angles has no effect with --eq-transform scale" in out.stderr
+    models.save_autoencoder(models.build_autoencoder(models.AE_configs["tiny"]), str(tmp_path / "weights.pt"))
+    out = run_cli(["--resume", str(tmp_path / "weights.pt")])
+    assert out.returncode == 2 and "holds weights, not a training state" in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "noise.ckpt").write_bytes(bytes(range(256)) * 8)
     out = run_cli(["--preset", "tiny", "--vae", str(tmp_path / "noise.ckpt"), "--results-dir", str(tmp_path / "r")])
     assert out.returncode == 2 and "is not a PyTorch checkpoint" in out.stderr and "--trust-checkpoint" not in out.stderr
@@ -475,7 +531,7 @@ def test_lpips_needs_16px_and_resume_keeps_vae_and_batch(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_vae.main(train_vae.parse_args(["--preset", "tiny", "--image-size", "32", "--disc-weight", "0",
                                                  "--results-dir", str(tmp_path / "r")]))
-    assert "LPIPS-VGG needs images of 16px or more, and the smallest transformed image is 8px" in capsys.readouterr().err
+    assert "LPIPS-VGG needs images of 16px or more, and the smallest image it is shown is 8px" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     run = tmp_path / "run"
     assert run_cli(["--preset", "tiny", "--max-steps", "1", "--run-dir", str(run)]).returncode == 0
