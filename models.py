@@ -1296,7 +1296,9 @@ def export_diffusers(model, folder):
     }
     os.makedirs(folder, exist_ok=True)
     sd = {k: v.detach().float().contiguous().cpu() for k, v in ours_to_diffusers(model).items()}
-    save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    save_file(sd, weights)
+    os.chmod(weights, utils.shared_mode())  # safetensors writes 0600: teammates could not load a shared export
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 
@@ -1317,7 +1319,11 @@ def _read_state_file(path, trust_checkpoint):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError derives from Exception only
+            raise RuntimeError(f"{path} is not a readable safetensors file ({e}): a truncated download or a git-lfs "
+                               f"pointer? Delete it and get the file again") from None
     return utils.load_checkpoint(path, trust_checkpoint)
 
 
@@ -1335,6 +1341,11 @@ def _split_state(obj):
         raise ValueError("the file holds no state dict of tensors")
     if any(k.startswith("first_stage_model.") for k in sd):  # a whole LDM: take its autoencoder
         sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    # LDM's LitEma: SD's "ema-pruned" VAE files keep its two counters; unpruned ones its weights too
+    ema = [k for k in sd if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")]
+    if ema:
+        utils.print0(f"note: the file also holds LDM EMA weights ({len(ema)} model_ema.* tensors); the raw weights are loaded")
+    sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
     extras = {k: v for k, v in sd.items() if k.startswith("loss.")}
     if isinstance(obj, dict) and obj.get("optimizer_states"):  # a Lightning .ckpt: [autoencoder Adam, discriminator Adam]
         extras["optimizer_states"] = obj["optimizer_states"]
@@ -1383,21 +1394,20 @@ def load_autoencoder(spec, trust_checkpoint=False, return_extras=False):
             raise ValueError(f"unknown autoencoder config {name!r} in {spec!r}: choose from {sorted(AE_configs)}")
         model = build_autoencoder(AE_configs[name])
         return (model, extras) if return_extras else model
-    if spec in PRETRAINED_AUTOENCODERS:
-        # under torchrun rank 0 downloads first; the others then find the file in the cache
-        if utils.is_main():
-            spec = fetch_pretrained(spec)
-            utils.barrier()
-        else:
-            utils.barrier()
-            spec = fetch_pretrained(spec)
+    if spec in PRETRAINED_AUTOENCODERS and not os.path.exists(spec):  # a local copy of that name wins
+        spec = fetch_pretrained(spec)  # one process downloads (utils.cache_lock), the others wait for it
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise FileNotFoundError(f"{spec} is a folder without config.json: not a diffusers autoencoder folder")
-        cfg, path = _load_diffusers_folder(spec)
-        if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        try:
+            cfg, path = _load_diffusers_folder(spec)
+            config = config_from_diffusers(cfg) if cfg.get("_class_name", "AutoencoderKL") == "AutoencoderKL" else None
+        except (ValueError, KeyError) as e:  # a truncated or HTML config.json, a missing key
+            raise ValueError(f"{os.path.join(spec, 'config.json')} is not a readable diffusers AutoencoderKL config "
+                             f"({type(e).__name__}: {e}): delete it and get it again") from None
+        if config is None:
             raise ValueError(f"{spec}: diffusers class {cfg['_class_name']} is not supported (AutoencoderKL only)")
-        model = build_autoencoder(config_from_diffusers(cfg))
+        model = build_autoencoder(config)
         sd = diffusers_to_ours(_read_state_file(path, trust_checkpoint), model)
     elif os.path.isfile(spec):
         sd, extras, config = _split_state(_read_state_file(spec, trust_checkpoint))
@@ -1408,6 +1418,9 @@ def load_autoencoder(spec, trust_checkpoint=False, return_extras=False):
             if config is None:
                 config = config_from_state_dict(sd)
                 config["scaling_factor"], config["shift_factor"] = default_scaling(config)
+                if config["scaling_factor"] != 1.0:
+                    utils.print0(f"note: {spec} carries no latent scale; assuming SD-VAE's {config['scaling_factor']} (an "
+                                 f"SDXL-VAE file needs 0.13025: prefer its diffusers folder, or --latent-norm channel)")
             model = build_autoencoder(config)
     else:
         raise FileNotFoundError(
@@ -1480,7 +1493,7 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
     spec = str(spec)
     if spec in PRETRAINED_MASKGIT or model_name in MaskGIT_models:
         return load_maskgit(spec, model_name, trust_checkpoint, use_ema)
-    if spec in PRETRAINED_GENERATORS:
+    if spec in PRETRAINED_GENERATORS and not os.path.exists(spec):
         entry = PRETRAINED_GENERATORS[spec]
         path = utils.download(entry["url"], os.path.join("generators", entry["filename"]))
         sd = utils.load_checkpoint(path, trust_checkpoint)
@@ -1497,8 +1510,10 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
                 raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: drop --model")
             model = DiT(**recipe["config"])
             sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
-        else:
-            sd = obj.get("ema", obj) if isinstance(obj, dict) else obj
+        else:  # official: a bare state dict, or DiT/SiT/REPA training's {"model", "ema", "opt", ...}
+            sd = obj
+            if isinstance(obj, dict) and ("model" in obj or "ema" in obj):
+                sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj.get("model", obj)
             if not isinstance(sd, dict) or "pos_embed" not in sd:
                 raise ValueError(f"{spec} is neither a train_dit.py checkpoint nor an official DiT/SiT/REPA state dict "
                                  f"(a MaskGIT-pytorch .pth file needs --model MaskGIT-B)")
@@ -1519,7 +1534,7 @@ def load_dinov2(spec, trust_checkpoint=False):
     once into the cache; offline, the error names the URL and the path to put it at) or a path to
     such a state dict, whose architecture is read from its shapes."""
     spec = str(spec)
-    if spec in DINOv2_models:
+    if spec in DINOv2_models and not os.path.exists(spec):
         path = utils.download(dinov2_url(spec), os.path.join("dinov2", os.path.basename(dinov2_url(spec))))
         model = DINOv2_models[spec]()
     elif os.path.isfile(spec):
@@ -1601,7 +1616,7 @@ def load_maskgit(spec, model_name=None, trust_checkpoint=False, use_ema=True):
     MaskGIT-pytorch v1.0 `.pth` ({"model_state_dict", ...} or a bare state dict), which needs
     `model_name` and decodes with taming's f16 VQGAN (the one v1.0 trained on)."""
     spec = str(spec)
-    if spec in PRETRAINED_MASKGIT:
+    if spec in PRETRAINED_MASKGIT and not os.path.exists(spec):
         entry = PRETRAINED_MASKGIT[spec]
         path, model_name = utils.download(entry["url"], os.path.join("generators", entry["filename"])), entry["model"]
     elif os.path.isfile(spec):
@@ -1615,6 +1630,9 @@ def maskgit_from_checkpoint(obj, spec, model_name=None, use_ema=True):
     """load_maskgit's second half, for a checkpoint already read from `spec`."""
     if isinstance(obj, dict) and "maskgit" in obj:  # ours: rebuild without being told
         recipe = obj["maskgit"]
+        if model_name and model_name not in MaskGIT_models:
+            raise ValueError(f"{spec} is a train_maskgit.py checkpoint ({recipe['model']}), not a DiT/SiT one: "
+                             f"sample it with sample.py, or continue it with train_maskgit.py")
         if model_name and model_name != recipe["model"]:
             raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: drop --model")
         sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
@@ -1638,23 +1656,33 @@ def fetch_pretrained(name):
     if entry["format"] == "diffusers":
         repo = entry["repo"]
         base = f"https://huggingface.co/{repo}/resolve/main/" + (entry.get("subfolder", "") + "/" if entry.get("subfolder") else "")
-        utils.download(base + "config.json", os.path.join(name, "config.json"))
-        path = utils.download(base + "diffusion_pytorch_model.safetensors", os.path.join(name, "diffusion_pytorch_model.safetensors"))
-        return os.path.dirname(path)
+        files = ("config.json", "diffusion_pytorch_model.safetensors")
+        try:
+            return os.path.dirname([utils.download(base + f, os.path.join(name, f)) for f in files][-1])
+        except RuntimeError as e:  # offline: both files and both places in one message
+            folder = os.path.join(utils.cache_dir(), name)
+            missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+            raise RuntimeError(f"{e}\n{name} is a diffusers folder: it needs " + " and ".join(
+                f"{base + f} at {os.path.join(folder, f)}" for f in missing)) from None
     if entry["format"] == "ldm-zip":
         ckpt = os.path.join(utils.cache_dir(), name, "model.ckpt")
-        if not os.path.isfile(ckpt):
-            archive = utils.download(entry["url"], os.path.join(name, os.path.basename(entry["url"])))
+        if os.path.isfile(ckpt):
+            return ckpt
+        archive = utils.download(entry["url"], os.path.join(name, os.path.basename(entry["url"])))
+        with utils.cache_lock(ckpt):  # one process unpacks; the others find it in place
+            if os.path.isfile(ckpt):
+                return ckpt
             if not zipfile.is_zipfile(archive):
                 raise RuntimeError(f"{archive} is not a zip archive (a broken download?): delete it and retry")
             with zipfile.ZipFile(archive) as z:
                 member = next((m for m in z.namelist() if m.endswith(".ckpt")), None)
                 if member is None:
                     raise RuntimeError(f"{archive} holds no .ckpt file: delete it and retry")
-                with z.open(member) as src, open(ckpt + ".part", "wb") as dst:
+                fd, tmp = utils.shared_tempfile(os.path.dirname(ckpt), "model.ckpt.part")
+                with z.open(member) as src, os.fdopen(fd, "wb") as dst:
                     while chunk := src.read(1 << 20):
                         dst.write(chunk)
-                os.replace(ckpt + ".part", ckpt)
+                os.replace(tmp, ckpt)
         return ckpt
     return utils.download(entry["url"], os.path.join(name, entry["filename"]))
 

@@ -5,7 +5,9 @@ weights_only load, RNG state), training runs (run folders, resume, stop signals,
 labelled image grids), the weight download cache.
 """
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -235,14 +237,26 @@ def set_rng_state(state):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def shared_tempfile(folder, prefix, suffix=""):
+    """mkstemp in `folder` (unique across processes and machines), readable as the umask allows:
+    mkstemp's 0600 would hide shared checkpoints and caches from teammates. Returns (fd, path)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.fchmod(fd, shared_mode())
+    return fd, tmp
+
+
+def shared_mode():
+    """The permissions a new file gets from open() under the current umask (0o666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_checkpoint(obj, path):
     """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a half file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide shared checkpoints and caches from teammates
+    fd, tmp = shared_tempfile(folder, ".tmp-", ".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -262,10 +276,13 @@ def load_checkpoint(path, trust_checkpoint=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path given to the flag")
     with open(path, "rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch.save writes a zip, or a pickle
-        what = "a truncated zip (an interrupted copy or download?)" if head == b"PK" else \
-            "neither torch.save's zip format nor a pickle"
+        head = f.read(32)
+    # torch.save writes a zip, or (before torch 1.6) a pickle whose first object is its magic number
+    legacy = head.startswith(b"\x80") and b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little") in head
+    if not zipfile.is_zipfile(path) and not legacy:
+        what = ("a truncated zip (an interrupted copy or download?)" if head[:2] == b"PK" else
+                "a pickle, but not one torch.save wrote" if head.startswith(b"\x80") else
+                "neither torch.save's zip format nor a pickle")
         raise RuntimeError(f"{path} is not a PyTorch checkpoint ({what}): check the path, or get the file again")
     if trust_checkpoint:
         return torch.load(path, map_location="cpu", weights_only=False)  # explicit --trust-checkpoint
@@ -572,32 +589,55 @@ def cache_dir():
     return os.environ.get("EQVAE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "eqvae"))
 
 
-def download(url, relpath):
-    """Path of `relpath` inside the cache dir, downloading `url` there once.
+@contextlib.contextmanager
+def cache_lock(path):
+    """Hold an exclusive lock on the cache entry `path` (a `.lock` file beside it): of the processes
+    that need it (every rank, every node sharing the cache), one writes it while the others wait,
+    then find it in place. No collective: callers may run on one rank only."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
-    Offline (or on any download failure) the error names the URL and the path to place the file at.
+
+def download(url, relpath):
+    """Path of `relpath` inside the cache dir, downloading `url` there once (under cache_lock).
+
+    A transfer that stops early (fewer bytes than Content-Length) or a web page instead of the file
+    is never put in place. Offline (or on any failure) the error names the URL and where to put the file.
     """
     path = os.path.join(cache_dir(), relpath)
     if os.path.isfile(path):
         return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.part{os.getpid()}"  # per process: concurrent downloads never share a file
-    try:
-        headers = {"User-Agent": "eqvae"}
-        if "huggingface.co" in url and os.environ.get("HF_TOKEN"):
-            headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-        print0(f"downloading {url} -> {path}")
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, path)
-    except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise RuntimeError(
-            f"could not download {url} ({e}).\nDownload it by hand and place it at:\n  {path}\n"
-            f"(set $EQVAE_CACHE to use another cache folder), or pass a local path instead of the name."
-        ) from None
+    with cache_lock(path):
+        if os.path.isfile(path):  # another process fetched it while this one waited
+            return path
+        fd, tmp = shared_tempfile(os.path.dirname(path), os.path.basename(path) + ".part")
+        try:
+            headers = {"User-Agent": "eqvae"}
+            if "huggingface.co" in url and os.environ.get("HF_TOKEN"):
+                headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+            print(f"downloading {url} -> {path}", flush=True)
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+                if r.headers.get_content_type() == "text/html":
+                    raise RuntimeError("the server sent a web page, not the file (a login, rate-limit or error page)")
+                written = 0
+                while chunk := r.read(1 << 20):
+                    written += f.write(chunk)
+            expected = r.headers.get("Content-Length")
+            if expected is not None and written != int(expected):  # http.client ends a cut transfer quietly
+                raise RuntimeError(f"the transfer stopped after {written} of {expected} bytes")
+            os.replace(tmp, path)
+        except Exception as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise RuntimeError(
+                f"could not download {url} ({e}).\nDownload it by hand and place it at:\n  {path}\n"
+                f"(set $EQVAE_CACHE to use another cache folder), or pass a local path instead of the name."
+            ) from None
     return path
 
 

@@ -78,16 +78,14 @@ def test_command_line_writes_json_and_survives_a_failing_benchmark(tmp_path, mon
 
     monkeypatch.setitem(bench.BENCHMARKS, "broken", broken)
     out = tmp_path / "bench.json"
-    args = bench.parse_args(["--only", "train_vae", "sample_maskgit", "--preset", "tiny", "--device", "cpu", "--out", str(out)])
-    args.only.insert(0, "broken")  # first, so the two after it must still run
+    args = bench.parse_args(["--only", "sample_maskgit", "--preset", "tiny", "--device", "cpu", "--out", str(out)])
+    args.only.insert(0, "broken")  # first, so the one after it must still run
     with pytest.raises(SystemExit, match="failed: broken"):
         bench.main(args)
     saved = json.loads(out.read_text())
-    assert saved["failed"] == ["broken"] and sorted(saved["results"]) == ["sample_maskgit", "train_vae"]
-    vae = saved["results"]["train_vae"]
-    for key in ("fp32", "bf16", "bf16_channels_last"):
-        assert vae[f"{key}_img_s"] > 0 and 0 < vae[f"{key}_mfu_vs_measured_peak"] < 1.5
-    assert vae["train_tflop_per_step"] > 0 and "RuntimeError: out of memory" in capsys.readouterr().err
+    assert saved["failed"] == ["broken"] and list(saved["results"]) == ["sample_maskgit"]
+    assert saved["results"]["sample_maskgit"]["fp32_img_s"] > 0 and saved["torch"] == torch.__version__
+    assert "RuntimeError: out of memory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -170,6 +170,37 @@ def test_pretrained_names_resolve_to_cached_files(tmp_path, monkeypatch):
     assert str(tmp_path / "vq-f16-1024" / "last.ckpt") in str(e.value)
 
 
+def test_published_names_load_without_collectives_and_local_copies_win(tmp_path, monkeypatch):
+    """A name in the cache loads without any barrier (trainers load it on rank 0 alone, and a
+    collective there hung every 2-process run); a local folder of that name is used as it is, not
+    replaced by the download; damaged files name themselves and the fix."""
+    monkeypatch.setenv("EQVAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(utils, "barrier", lambda: pytest.fail("a collective inside a loader"))
+    monkeypatch.setattr(utils.urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download expected"))
+    model = models.build_autoencoder(dict(SMALL, scaling_factor=0.5))
+    models.export_diffusers(model, tmp_path / "cache" / "sd-vae-ft-ema")
+    assert models.load_autoencoder("sd-vae-ft-ema").scaling_factor == 0.5
+    monkeypatch.chdir(tmp_path)
+    models.export_diffusers(models.build_autoencoder(dict(SMALL, scaling_factor=0.25)), "eq-vae")
+    assert models.load_autoencoder("eq-vae").scaling_factor == 0.25
+    assert (tmp_path / "eq-vae" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777 == utils.shared_mode()
+    weights = tmp_path / "eq-vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="not a readable safetensors file"):
+        models.load_autoencoder("eq-vae")
+    (tmp_path / "eq-vae" / "config.json").write_text("<html>")
+    with pytest.raises(ValueError, match="config.json is not a readable diffusers AutoencoderKL config"):
+        models.load_autoencoder("eq-vae")
+
+
+def test_ldm_ema_counters_are_dropped():
+    """SD's LDM-format "ema-pruned" VAE files keep LitEma's decay and num_updates: they load."""
+    model = models.build_autoencoder(SMALL)
+    sd = dict(model.state_dict(), **{"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(5)})
+    loaded, extras, _ = models._split_state({"state_dict": sd})
+    assert set(loaded) == set(model.state_dict()) and extras == {}
+
+
 @needs_diffusers
 def test_registry_parameter_counts_match_published_architectures():
     """Built on the meta device: SD-VAE and SD3-VAE counts as published; kl-f16 and the taming
@@ -439,6 +470,9 @@ def test_load_generator_reads_official_pt_files(tmp_path):
     model, recipe = models.load_generator(str(tmp_path / "train.pt"), model_name="SiT-T/2")
     assert torch.equal(model.final_layer.linear.weight, ema["final_layer.linear.weight"])
     assert model.family == "sit" and recipe["objective"] == dict(kind="transport", path="linear", prediction="velocity", time_input="sit")
+    # --no-ema (use_ema=False) takes the raw weights, as it does for our checkpoints
+    model, _ = models.load_generator(str(tmp_path / "train.pt"), model_name="SiT-T/2", use_ema=False)
+    assert torch.equal(model.final_layer.linear.weight, raw["final_layer.linear.weight"])
 
 
 def test_pretrained_generator_names_resolve_through_the_cache(tmp_path, monkeypatch):
@@ -556,3 +590,8 @@ def test_sit_output_is_the_first_half_of_dit():
     assert torch.equal(s, d[:, :4])
     assert (d[:, 4:] - d[:, :4]).abs().max() > 1e-3  # the halves differ, so the slice is the right one
     assert models.build_generator("SiT-T/2", input_size=8, learn_sigma=False).final_layer.linear.out_features == 2 * 2 * 4
+
+
+def test_a_maskgit_checkpoint_given_as_a_dit_is_named():
+    with pytest.raises(ValueError, match="is a train_maskgit.py checkpoint .MaskGIT-T., not a DiT/SiT one"):
+        models.maskgit_from_checkpoint({"maskgit": {"model": "MaskGIT-T"}, "model": {}}, "run.pt", "DiT-T/2")

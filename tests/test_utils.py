@@ -267,3 +267,70 @@ def test_output_folders_are_checked_before_any_work(tmp_path, capsys):
             utils.check_output_folders(argparse.Namespace(**args))
         assert e.value.code == 2 and message in capsys.readouterr().err
     utils.check_output_folders(argparse.Namespace(run_dir=str(run), resume=str(run), results_dir=str(tmp_path / "new" / "x")))
+
+
+def serve(routes):
+    """A local HTTP server in a thread: routes {path: (content type, body, declared length)}; returns
+    (base URL, GET counts per path, server)."""
+    import http.server
+    import threading
+
+    counts = {path: 0 for path in routes}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            counts[self.path] += 1
+            kind, body, length = routes[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}", counts, server
+
+
+def test_download_keeps_only_whole_files_and_fetches_once(tmp_path, monkeypatch):
+    """A transfer that ends before Content-Length (http.client ends it without an error) and a web
+    page in place of the file are refused and leave nothing in the cache; a file wanted by several
+    threads at once is fetched once (the cache lock), and readable as the umask allows."""
+    import threading
+
+    monkeypatch.setenv("EQVAE_CACHE", str(tmp_path))
+    body = bytes(range(256)) * 40
+    base, counts, server = serve({"/cut": ("application/octet-stream", body[:5000], len(body)),
+                                  "/page": ("text/html", b"<html>rate limited</html>", 25),
+                                  "/whole": ("application/octet-stream", body, len(body))})
+    try:
+        for route, message in (("/cut", "stopped after 5000 of 10240 bytes"), ("/page", "a web page, not the file")):
+            with pytest.raises(RuntimeError, match=message):
+                utils.download(base + route, f"w{route}.pt")
+            assert not (tmp_path / "w" / f"{route[1:]}.pt").exists()
+            assert not any(name.startswith(route[1:] + ".pt.part") for name in os.listdir(tmp_path / "w"))
+        paths = []
+        threads = [threading.Thread(target=lambda: paths.append(utils.download(base + "/whole", "w/whole.pt"))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.shutdown()
+    assert counts["/whole"] == 1 and len(paths) == 4 and len(set(paths)) == 1
+    assert (tmp_path / "w" / "whole.pt").read_bytes() == body
+    assert (tmp_path / "w" / "whole.pt").stat().st_mode & 0o777 == utils.shared_mode()
+
+
+def test_a_pickle_not_written_by_torch_is_not_offered_trust(tmp_path):
+    import pickle
+
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(RuntimeError, match="a pickle, but not one torch.save wrote") as e:
+        utils.load_checkpoint(str(tmp_path / "plain.pkl"))
+    assert "--trust-checkpoint" not in str(e.value)
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    assert torch.equal(utils.load_checkpoint(str(tmp_path / "legacy.pt"))["w"], torch.ones(2))
