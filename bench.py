@@ -199,7 +199,10 @@ def bench_train_vae(args):
             result[f"{key}_speedup_vs_{full}"] = seconds[full] / s
         _add_mfu(result, key, flops, s, peaks, device)
     if device.type == "cuda":
-        result["bf16_top_kernels"] = _top_kernels(calls["bf16"], device)
+        try:  # a profiler problem must not cost the timings above
+            result["bf16_top_kernels"] = _top_kernels(calls["bf16"], device)
+        except Exception as e:
+            result["bf16_top_kernels"] = f"profiler failed: {type(e).__name__}: {e}"
     return result
 
 
