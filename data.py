@@ -513,6 +513,10 @@ def build_shards(folder, dataset, plan, resume_keys, encode, batch_size=32, num_
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     mine = range(rank, num_shards, world)
+    for k in mine:  # a build stopped inside np.save leaves its temp file behind
+        for kind in plan["shard_kinds"]:
+            if os.path.exists(_shard_path(folder, k, kind) + ".tmp.npy"):
+                os.remove(_shard_path(folder, k, kind) + ".tmp.npy")
     marker = plan["shard_kinds"][-1]
     todo = [k for k in mine if not os.path.isfile(_shard_path(folder, k, marker))]
     sizes = {k: min(n, (k + 1) * shard_images) - k * shard_images for k in mine}
@@ -621,17 +625,19 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
     meta = plan
     if utils.is_main():
         # per-channel statistics of z = mean + std * noise over all stored latents, exactly:
-        # E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2]
+        # E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2]; and of the mean alone (--no-latent-sample)
         C = latent_shape[0]
-        s1, s2, count = np.zeros(C), np.zeros(C), 0
+        s1, s2, v2, count = np.zeros(C), np.zeros(C), np.zeros(C), 0
         for k in range(num_shards):
             shard = np.load(_shard_path(folder, k), mmap_mode="r")
             m, s = shard[:, :, 0].astype(np.float64), shard[:, :, 1].astype(np.float64)
             s1 += m.sum(axis=(0, 1, 3, 4))
-            s2 += (m ** 2 + s ** 2).sum(axis=(0, 1, 3, 4))
+            s2 += (m ** 2).sum(axis=(0, 1, 3, 4))
+            v2 += (s ** 2).sum(axis=(0, 1, 3, 4))
             count += m.shape[0] * m.shape[1] * m.shape[3] * m.shape[4]
         mu = s1 / count
-        meta = dict(plan, channel_mean=mu.tolist(), channel_std=np.sqrt(np.maximum(s2 / count - mu ** 2, 0)).tolist())
+        meta = dict(plan, channel_mean=mu.tolist(), channel_std=np.sqrt(np.maximum((s2 + v2) / count - mu ** 2, 0)).tolist(),
+                    channel_std_of_mean=np.sqrt(np.maximum(s2 / count - mu ** 2, 0)).tolist())
     return finish_cache(folder, meta, CACHE_FORMAT)
 
 

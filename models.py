@@ -790,7 +790,7 @@ class DiT(nn.Module):
         predicted latent channel); the other channels (the learned variance) stay as predicted.
         The official DiT and SiT guide 3 of 4 channels: cfg_channels=3 reproduces them."""
         half = x[: len(x) // 2]
-        out = prediction(self.forward(torch.cat([half, half]), t, y))
+        out = prediction(self.forward(torch.cat([half, half]), t, y)).float()  # the mix in fp32, as DiT and SiT
         k = self.in_channels if cfg_channels is None else cfg_channels
         guided, rest = out[:, :k], out[:, k:]
         cond, uncond = guided.chunk(2)

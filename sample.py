@@ -123,11 +123,14 @@ def main(args):
         if (recipe["objective"]["kind"] == "diffusion") != (args.sampler in ("ddpm", "ddim")):
             utils.fail(f"--sampler {args.sampler} does not fit this {recipe['objective']['kind']} model "
                        f"(diffusion: ddpm, ddim; transport: euler, heun, sde)")
-        if recipe["objective"]["kind"] == "diffusion" and args.num_steps > objective.num_timesteps:
-            utils.fail(f"--num-steps {args.num_steps}: the diffusion samplers take at most the model's "
-                       f"{objective.num_timesteps} training timesteps")
+        if recipe["objective"]["kind"] == "diffusion" and not 2 <= args.num_steps <= objective.num_timesteps:
+            utils.fail(f"--num-steps {args.num_steps}: the diffusion samplers take 2 to the model's "
+                       f"{objective.num_timesteps} training timesteps (one respaced step is t = 0 on pure noise)")
     if not maskgit and args.cfg_channels and args.cfg_channels > model.in_channels:  # more would guide the variance
         utils.fail(f"--cfg-channels {args.cfg_channels}: this {recipe['model']} has {model.in_channels} latent channels")
+    if not maskgit and args.cfg_scale != 1 and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
+        utils.fail(f"--cfg-scale {args.cfg_scale}: this {recipe['model']} was trained without label dropout, so it has "
+                   f"no null class to guide with: pass --cfg-scale 1")
     if args.class_labels and any(not 0 <= c < model.num_classes for c in args.class_labels):
         utils.fail(f"--class-labels must lie in [0, {model.num_classes - 1}]")
     coder = recipe["tokens"] if maskgit else recipe["latent"]  # the autoencoder the model was trained on
@@ -146,8 +149,9 @@ def main(args):
     if rank == 0:
         os.makedirs(args.sample_dir, exist_ok=True)
     utils.barrier()
-    settings = dict(ckpt=args.ckpt, ema=args.ema, vae=vae, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
-                    global_seed=args.global_seed, precision=args.precision)
+    # the weights themselves, not only the path: checkpoints/latest.pt changes while a run trains
+    settings = dict(ckpt=args.ckpt, weights_hash=data.weights_hash(model) if rank == 0 else None, ema=args.ema, vae=vae,
+                    num_steps=args.num_steps, cfg_scale=args.cfg_scale, global_seed=args.global_seed, precision=args.precision)
     if maskgit:
         settings.update(sched_mode=args.sched_mode, r_temp=args.r_temp, sm_temp=args.sm_temp)
         utils.print0(f"{recipe['model']} from {args.ckpt}, {args.num_steps} {args.sched_mode} steps, cfg {args.cfg_scale} "
@@ -182,7 +186,7 @@ def main(args):
     settings_path = os.path.join(args.sample_dir, "settings.json")
     out_path = os.path.join(args.sample_dir, "samples.npz")
     if rank == 0:
-        if os.path.isfile(settings_path):
+        if os.path.isfile(settings_path) and (chunk_files(args.sample_dir) or os.path.isfile(out_path)):
             with open(settings_path) as f:
                 previous = json.load(f)
             diffs = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in settings.items() if previous.get(k) != v]
@@ -192,7 +196,7 @@ def main(args):
         elif chunk_files(args.sample_dir) or os.path.isfile(out_path):  # made by whom, with what?
             utils.fail(f"--sample-dir {args.sample_dir} holds samples but no settings.json to tell how they were made: "
                        f"choose another --sample-dir")
-        else:
+        else:  # no sample yet (a first attempt may have failed before its first chunk): these settings
             utils.write_json(settings_path, settings)
     utils.barrier()
     if not os.path.isfile(out_path):
@@ -301,7 +305,12 @@ def parse_args(argv=None):
     for flag in ("r_temp", "sm_temp", "cfg_scale"):
         if getattr(args, flag) is not None and not 0 <= getattr(args, flag) < float("inf"):
             p.error(f"--{flag.replace('_', '-')} must be a finite number, 0 or more")
+    if args.sm_temp is not None and args.sm_temp == 0:
+        p.error("--sm-temp 0 makes every code equally likely (uniform noise); large values approach greedy decoding")
     args.cli_flags = sorted(utils.explicit_flags(p, argv))
+    blocked = utils.unwritable_ancestor(args.sample_dir)
+    if blocked:
+        p.error(f"--sample-dir {args.sample_dir}: {blocked} is not a writable folder")
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
         p.error("the guidance interval needs 0 <= --guidance-low <= --guidance-high <= 1")
     return args

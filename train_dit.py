@@ -55,6 +55,11 @@ def prepare_latents(args, device):
             utils.fail(f"--vae {args.vae} is a VQ autoencoder: DiT/SiT need a continuous (KL) one; train MaskGIT on VQ tokens")
         if args.image_size % ae.downsample_factor:
             utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's factor {ae.downsample_factor}")
+        patch = int(args.model.rsplit("/", 1)[1])
+        if (args.image_size // ae.downsample_factor) % patch:  # before hours of caching, not after
+            utils.fail(f"--model {args.model}: its {patch}x{patch} patches do not tile the "
+                       f"{args.image_size // ae.downsample_factor}x{args.image_size // ae.downsample_factor} latents of "
+                       f"--image-size {args.image_size}")
         try:
             fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm",
                                data=data.data_source(args.data_path))
@@ -120,13 +125,24 @@ def load_encoders(args, device):
     return encoders
 
 
-def latent_recipe(args, meta):
-    """How the generator's inputs relate to the autoencoder's latents (stored with the model)."""
-    latent = dict(vae=meta["vae"], vae_hash=meta["vae_hash"], norm=args.latent_norm)
+def latent_recipe(args, meta, notes):
+    """How the generator's inputs relate to the autoencoder's latents (stored with the model, with
+    the cache's data fingerprint, which --resume checks)."""
+    latent = dict(vae=meta["vae"], vae_hash=meta["vae_hash"], norm=args.latent_norm, data=meta.get("data"),
+                  count=meta["count"])
     if args.latent_norm == "scale":
         latent.update(scale=meta["vae_scaling_factor"], shift=meta["vae_shift_factor"])
+        if meta["vae_scaling_factor"] == 1.0 and "latent_norm" not in args.cli_flags:
+            notes.append(f"{meta['vae']} has no published latent scale (1.0): the latents go in unnormalised; "
+                         f"--latent-norm channel scales them by the cache's statistics")
     else:
-        latent.update(mean=meta["channel_mean"], std=meta["channel_std"])
+        # the std of what the model sees: sampled z, or the posterior mean alone
+        std = meta["channel_std"] if args.latent_sample else meta.get("channel_std_of_mean")
+        if std is None:  # a cache built before the mean's statistics were stored
+            std = meta["channel_std"]
+            notes.append("this cache stores the channel std of sampled latents only: --no-latent-sample scales the "
+                         "posterior means by it (they are a little narrower); rebuild the cache for their own std")
+        latent.update(mean=meta["channel_mean"], std=std)
     return latent
 
 
@@ -153,6 +169,8 @@ def main(args):
     resume_path, resume_ckpt = utils.resume_args(args, FIXED_ON_RESUME) if args.resume else (None, None)
     if resume_path:
         args.data_path = None  # the cache exists: never rebuilt on resume
+    if "epochs" in args.cli_flags and "max_steps" not in args.cli_flags:
+        args.max_steps = None  # --epochs given now wins over a preset's or the resumed run's step count
     check_args(args, world_size)
     # a new run into a folder with checkpoints is refused; the folders it writes must be writable
     utils.check_output_folders(args, *(("latents",) if args.data_path else ()))
@@ -165,6 +183,10 @@ def main(args):
     check_cache_images(args)
     encoders = load_encoders(args, device) if args.repa else []
     meta, ae = prepare_latents(args, device)
+    if meta["image_size"] != args.image_size:  # an existing cache read without --data-path
+        if "image_size" in args.cli_flags:
+            utils.fail(f"--latents {args.latents} holds {meta['image_size']} px images, not --image-size {args.image_size}")
+        args.image_size = meta["image_size"]  # so that args.json records what the run trains on
     C, h, w = meta["latent_shape"]
     # REPA feeds the network t as it is (time_input "repa"); SiT's own runs feed 1 - t
     objective_spec = (dict(kind="diffusion", num_timesteps=1000) if args.objective == "diffusion" else
@@ -174,10 +196,14 @@ def main(args):
         objective_spec = dict(resume_ckpt["generator"]["objective"])
     repa = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                 qk_norm=args.qk_norm) if args.repa else dict(qk_norm=args.qk_norm)
-    recorded = resume_ckpt["generator"]["latent"].get("vae_hash") if resume_ckpt is not None else None
-    if recorded not in (None, meta["vae_hash"]):
+    recorded = resume_ckpt["generator"]["latent"] if resume_ckpt is not None else {}
+    if recorded.get("vae_hash") not in (None, meta["vae_hash"]):
         utils.fail(f"--latents {args.latents} holds the latents of another autoencoder than the resumed run's (weights "
-                   f"hash {meta['vae_hash']}, the run's {recorded}): pass the run's cache")
+                   f"hash {meta['vae_hash']}, the run's {recorded['vae_hash']}): pass the run's cache")
+    changed = [k for k in ("data", "count") if recorded.get(k) is not None and recorded[k] != meta.get(k)]
+    if changed:  # a moved cache is fine; other images would change the data order and the statistics
+        utils.fail(f"--latents {args.latents} holds other images than the resumed run's cache ("
+                   + "; ".join(f"{k}: {meta.get(k)} here, {recorded[k]} in the run" for k in changed) + "): pass the run's cache")
     utils.seed_everything(args.global_seed)  # the initial weights depend on the seed only, not on what caching drew
     try:
         model = models.build_generator(args.model, input_size=h, in_channels=C, num_classes=meta["num_classes"],
@@ -187,11 +213,13 @@ def main(args):
     grid = h // model.patch_size  # the generator's token grid, which the encoders' patch grid must equal
     for encoder in encoders:
         encoder.resample_pos_embed(grid)  # REPA resizes DINOv2's 37 x 37 table once, to the token grid
+    notes = []
+    # a resumed run keeps its normalisation numbers (the cache may have moved: its place is today's)
+    latent = dict(recorded, vae=meta["vae"]) if recorded else latent_recipe(args, meta, notes)
     recipe = dict(model=args.model, config=model.config, image_size=meta["image_size"], objective=objective_spec,
-                  latent=latent_recipe(args, meta), class_names=meta["class_names"])
+                  latent=latent, class_names=meta["class_names"])
     if args.repa:
         recipe["repa"] = dict(encoder=args.encoder, proj_coeff=args.proj_coeff)
-    notes = []
     if args.init_from and resume_ckpt is None:
         try:
             start, start_recipe = models.load_generator(args.init_from, args.model, args.trust_checkpoint)
@@ -378,6 +406,14 @@ def check_args(args, world_size):
     if (args.objective == "diffusion") != (args.sampler in ("ddpm", "ddim")):
         utils.fail(f"--sampler {args.sampler} does not fit --objective {args.objective} (diffusion: ddpm, ddim; "
                    f"transport: euler, heun, sde)")
+    if args.objective == "diffusion" and args.sample_every > 0 and args.num_steps < 2:
+        utils.fail("--num-steps 1: one respaced diffusion step samples at t = 0 on pure noise; give 2 or more")
+    if args.class_dropout_prob == 0 and args.cfg_scale != 1 and args.sample_every > 0:
+        utils.fail(f"--cfg-scale {args.cfg_scale} for the sample grids needs the null class that label dropout trains: "
+                   f"--class-dropout-prob 0 has none; pass --cfg-scale 1 (or --sample-every 0)")
+    depth = models.DIT_SIZES[args.model.split("-")[1].split("/")[0]][0]
+    if args.repa and args.encoder_depth > depth:
+        utils.fail(f"--encoder-depth {args.encoder_depth}: {args.model} has {depth} blocks")
 
 
 # ----------------------------------------------------------------------------- the demo

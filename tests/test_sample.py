@@ -127,7 +127,12 @@ def test_bad_input_and_offline_released_weights(ckpts, tmp_path):
     res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--class-labels", "10", "--sample-dir", str(tmp_path / "a")])
     assert res.returncode == 2 and "--class-labels" in res.stderr
     res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-steps", "1001", "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and "at most the model's 1000 training timesteps" in res.stderr
+    assert res.returncode == 2 and "take 2 to the model's 1000 training timesteps" in res.stderr
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-steps", "1", "--sample-dir", str(tmp_path / "a")])
+    assert res.returncode == 2 and "t = 0 on pure noise" in res.stderr
+    (tmp_path / "a-file").write_text("")
+    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--sample-dir", str(tmp_path / "a-file")])
+    assert res.returncode == 2 and "is not a writable folder" in res.stderr and "Traceback" not in res.stderr
     res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--vae", str(tmp_path / "gone.pt"),
                             "--sample-dir", str(tmp_path / "a")])
     assert res.returncode == 2 and f"--vae {tmp_path / 'gone.pt'} failed to load" in res.stderr
@@ -145,6 +150,38 @@ def test_bad_input_and_offline_released_weights(ckpts, tmp_path):
     with pytest.raises(SystemExit) as e:  # a negative count would guide the wrong channels
         sample.parse_args(["--ckpt", ckpts["DiT-T/2"], "--cfg-channels", "-1"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # uniform codes, not greedy decoding
+        sample.parse_args(["--ckpt", ckpts["DiT-T/2"], "--sm-temp", "0"])
+    assert e.value.code == 2
+
+
+def test_a_sample_folder_follows_the_weights_not_the_path(ckpts, tmp_path):
+    """checkpoints/latest.pt changes while training runs: a folder sampled from other weights at the
+    same path is refused, not topped up or returned as it is. A folder whose first attempt wrote only
+    settings.json (it failed before a sample) takes the new settings. A model trained without label
+    dropout has no null class: guidance is refused before anything is written."""
+    import torch
+
+    ckpt = tmp_path / "latest.pt"
+    shutil.copy(ckpts["DiT-T/2"], ckpt)
+    common = ["--preset", "tiny", "--ckpt", str(ckpt), "--num-samples", "2", "--sample-dir", str(tmp_path / "s")]
+    assert run("sample.py", common).returncode == 0
+    state = torch.load(ckpt, weights_only=False)
+    state["ema"]["final_layer.linear.bias"] += 1.0
+    torch.save(state, ckpt)
+    res = run("sample.py", common)
+    assert res.returncode == 2 and "weights_hash" in res.stderr
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "settings.json").write_text(json.dumps({"cfg_scale": 9.0}))
+    res = run("sample.py", [*common[:-1], str(tmp_path / "t")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "t" / "settings.json").read_text())["cfg_scale"] == 1.0
+    state["ema"]["y_embedder.embedding_table.weight"] = state["ema"]["y_embedder.embedding_table.weight"][:10]
+    state["model"]["y_embedder.embedding_table.weight"] = state["model"]["y_embedder.embedding_table.weight"][:10]
+    state["generator"]["config"]["class_dropout_prob"] = 0.0
+    torch.save(state, ckpt)
+    res = run("sample.py", [*common[:-1], str(tmp_path / "u"), "--cfg-scale", "2"])
+    assert res.returncode == 2 and "no null class to guide with" in res.stderr and not (tmp_path / "u").exists()
 
 
 def test_evaluate_gen_scores_the_npz(ckpts, tmp_path):

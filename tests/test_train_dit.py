@@ -69,6 +69,9 @@ def test_cache_holds_every_image_and_its_flip_with_exact_statistics(cache):
     var = (mean ** 2 + std ** 2).mean(axis=(0, 1, 3, 4)) - mu ** 2
     np.testing.assert_allclose(meta["channel_mean"], mu, rtol=1e-9)
     np.testing.assert_allclose(meta["channel_std"], np.sqrt(var), rtol=1e-9)
+    # --no-latent-sample trains on the means alone: their own, narrower std
+    np.testing.assert_allclose(meta["channel_std_of_mean"], mean.std(axis=(0, 1, 3, 4)), rtol=1e-9)
+    assert all(a < b for a, b in zip(meta["channel_std_of_mean"], meta["channel_std"]))
     assert np.array_equal(np.load(cache / "labels.npy"), np.arange(32) % 10)
     # and a Monte-Carlo check that those are the statistics of sampled latents
     z = mean + std * np.random.default_rng(0).standard_normal(mean.shape)
@@ -343,6 +346,13 @@ def test_resume_takes_the_runs_flags_and_grids_decode_with_the_caches_autoencode
     assert out.returncode == 0, out.stderr[-3000:]
     out = run_cli(["--resume", str(resumed), "--latents", str(other), "--max-steps", "6"])
     assert out.returncode == 2 and "of another autoencoder than the resumed run's" in out.stderr
+    # the same autoencoder on other images: the data order and the statistics would change
+    more = tmp_path / "more"
+    out = run_cli(["--preset", "tiny", "--latents", str(more), "--data-path", "builtin:shapes:40", "--vae",
+                   str(cache / "autoencoder.pt"), "--max-steps", "1", "--sample-every", "0", "--run-dir", str(tmp_path / "m")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli(["--resume", str(resumed), "--latents", str(more), "--max-steps", "6"])
+    assert out.returncode == 2 and "holds other images than the resumed run's cache" in out.stderr
     out = run_cli([*common, "--max-steps", "2", "--run-dir", str(resumed)])
     assert out.returncode == 2 and f"continue it with --resume {resumed}" in out.stderr
     assert utils.load_checkpoint(str(resumed / "checkpoints" / "latest.pt"))["step"] == 4
@@ -372,6 +382,18 @@ def test_bad_counts_fail_in_check_args(script, flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         module.check_args(args, 1)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--class-dropout-prob", "0", "--cfg-scale", "4"], "needs the null class that label dropout trains"),
+    (["--num-steps", "1"], "one respaced diffusion step samples at t = 0"),
+    (["--preset", "tiny-repa", "--encoder-depth", "5"], "--encoder-depth 5: SiT-T/2 has 4 blocks"),
+])
+def test_grid_and_repa_flags_fail_before_the_cache(flags, message, capsys):
+    preset = [] if "--preset" in flags else ["--preset", "tiny"]
+    with pytest.raises(SystemExit):
+        train_dit.check_args(train_dit.parse_args([*preset, *flags]), 1)
+    assert message in capsys.readouterr().err
 
 
 def test_diffusion_grids_refuse_more_steps_than_timesteps(capsys):
@@ -416,6 +438,11 @@ def test_bad_input_fails_before_anything_is_written(cache, tmp_path):
     out = run_cli(["--preset", "tiny", "--latents", str(tmp_path / "empty"), "--data-path", "builtin:circles",
                    "--results-dir", str(r)])
     assert out.returncode == 2 and "--data-path: unknown built-in dataset 'builtin:circles'" in out.stderr
+    out = run_cli(["--preset", "tiny", "--latents", str(tmp_path / "empty"), "--model", "DiT-T/4", "--image-size", "24",
+                   "--results-dir", str(r)])  # refused before caching, not when the model is built
+    assert out.returncode == 2 and "its 4x4 patches do not tile the 6x6 latents" in out.stderr
+    out = run_cli(["--latents", str(cache), "--image-size", "64", "--results-dir", str(r)])
+    assert out.returncode == 2 and "holds 32 px images, not --image-size 64" in out.stderr
     assert not r.exists() and not (tmp_path / "empty").exists() and not (tmp_path / "vq" / "meta.json").exists()
 
 
