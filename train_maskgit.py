@@ -133,6 +133,8 @@ def main(args):
     resume_path, resume_ckpt = utils.resume_args(args, FIXED_ON_RESUME) if args.resume else (None, None)
     if resume_path:
         args.data_path = None  # the cache exists: never rebuilt on resume
+    if "epochs" in args.cli_flags and "max_steps" not in args.cli_flags:
+        args.max_steps = None  # --epochs given now wins over a preset's or the resumed run's step count
     check_args(args, world_size)
     # a new run into a folder with checkpoints is refused; the folders it writes must be writable
     utils.check_output_folders(args, *(("tokens",) if args.data_path else ()))
@@ -143,10 +145,14 @@ def main(args):
     # tokens (cached on first use), then the network, before anything is written
     meta, ae = prepare_tokens(args, device)
     h = meta["token_grid"]
-    recorded = resume_ckpt["maskgit"]["tokens"].get("vae_hash") if resume_ckpt is not None else None
-    if recorded not in (None, meta["vae_hash"]):
+    recorded = resume_ckpt["maskgit"]["tokens"] if resume_ckpt is not None else {}
+    if recorded.get("vae_hash") not in (None, meta["vae_hash"]):
         utils.fail(f"--tokens {args.tokens} holds the tokens of another autoencoder than the resumed run's (weights "
-                   f"hash {meta['vae_hash']}, the run's {recorded}): pass the run's cache")
+                   f"hash {meta['vae_hash']}, the run's {recorded['vae_hash']}): pass the run's cache")
+    changed = [k for k in ("data", "count") if recorded.get(k) is not None and recorded[k] != meta.get(k)]
+    if changed:  # a moved cache is fine; other images would change the data order
+        utils.fail(f"--tokens {args.tokens} holds other images than the resumed run's cache ("
+                   + "; ".join(f"{k}: {meta.get(k)} here, {recorded[k]} in the run" for k in changed) + "): pass the run's cache")
     utils.seed_everything(args.global_seed)  # the initial weights depend on the seed only, not on what caching drew
     try:
         model = models.MaskGIT_models[args.model](input_size=h, codebook_size=meta["codebook_size"],
@@ -159,6 +165,7 @@ def main(args):
         utils.fail(f"--num-steps {args.num_steps}: {e}")
     recipe = models.maskgit_recipe(args.model, model.config, meta["image_size"], meta["vae"], meta["vae_hash"],
                                    meta["class_names"])
+    recipe["tokens"].update(data=meta.get("data"), count=meta["count"])  # what --resume checks
     notes = []
     if args.init_from and resume_ckpt is None:
         try:
