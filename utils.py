@@ -47,13 +47,15 @@ def setup_distributed():
     return 0, 1, device
 
 
-def cleanup():
+def cleanup(sync=True):
     """Tear down the process group; safe to call twice or without one. Called from a `finally`
     while an error propagates, it skips the barrier: the other ranks may wait in a collective that
-    never comes, and the error must reach torchrun (which stops them) now, not at the timeout."""
+    never comes, and the error must reach torchrun (which stops them) now, not at the timeout.
+    sync=False skips it too, for callers whose ranks already met after their last collective (a
+    barrier behind minutes of rank-0-only work would run into NCCL's timeout)."""
     if dist.is_available() and dist.is_initialized():
         error = sys.exc_info()[1]
-        if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
+        if sync and (error is None or (isinstance(error, SystemExit) and error.code in (0, None))):
             dist.barrier()
         dist.destroy_process_group()
 
