@@ -430,6 +430,18 @@ def coder_of(recorded, spec=None, trust_checkpoint=False, check_hash=True):
     return ae.eval()
 
 
+def same_architecture_from_cache(ae, meta, trust_checkpoint=False):
+    """A scratch: autoencoder drawn now, or, when the cache's saved one has the same architecture,
+    that one: a scratch spec names an architecture, and its weights were drawn once, with the cache
+    (another --global-seed would draw others and refuse a cache it made)."""
+    try:
+        saved = coder_of(meta, trust_checkpoint=trust_checkpoint)
+    except ValueError:
+        return ae
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    return saved if shapes(saved) == shapes(ae) else ae
+
+
 def dataset_labels(dataset):
     """(labels as int64 array, class names) without reading any pixel."""
     if isinstance(dataset, ShapesDataset):
@@ -453,6 +465,9 @@ def read_cache_meta(folder, fmt=CACHE_FORMAT):
     if meta.get("format") != fmt:
         what = "token cache" if fmt == TOKEN_CACHE_FORMAT else "latent cache"
         raise RuntimeError(f"{path} is not a {what} of this code ({meta.get('format')!r}): use another folder")
+    own = os.path.join(os.path.abspath(folder), "autoencoder.pt")  # a scratch: model's weights, saved with the cache
+    if os.path.basename(str(meta.get("vae"))) == "autoencoder.pt" and not os.path.isfile(meta["vae"]) and os.path.isfile(own):
+        meta["vae"] = own  # the cache was moved: its weights moved with it
     return meta
 
 

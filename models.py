@@ -1507,7 +1507,8 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
         if isinstance(obj, dict) and "generator" in obj:  # ours: rebuild without being told
             recipe = obj["generator"]
             if model_name and model_name != recipe["model"]:
-                raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: drop --model")
+                raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: pass --model "
+                             f"{recipe['model']} (sample.py: or leave --model out)")
             model = DiT(**recipe["config"])
             sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
         else:  # official: a bare state dict, or DiT/SiT/REPA training's {"model", "ema", "opt", ...}
@@ -1634,7 +1635,8 @@ def maskgit_from_checkpoint(obj, spec, model_name=None, use_ema=True):
             raise ValueError(f"{spec} is a train_maskgit.py checkpoint ({recipe['model']}), not a DiT/SiT one: "
                              f"sample it with sample.py, or continue it with train_maskgit.py")
         if model_name and model_name != recipe["model"]:
-            raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: drop --model")
+            raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: pass --model "
+                             f"{recipe['model']} (sample.py: or leave --model out)")
         sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
         model = MaskGIT(**recipe["config"])
     else:

@@ -128,7 +128,9 @@ def main(args):
                        f"{objective.num_timesteps} training timesteps (one respaced step is t = 0 on pure noise)")
     if not maskgit and args.cfg_channels and args.cfg_channels > model.in_channels:  # more would guide the variance
         utils.fail(f"--cfg-channels {args.cfg_channels}: this {recipe['model']} has {model.in_channels} latent channels")
-    if not maskgit and args.cfg_scale != 1 and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
+    untrained_null = (recipe.get("class_dropout_prob") == 0 if maskgit else
+                      model.y_embedder.embedding_table.num_embeddings <= model.num_classes)
+    if args.cfg_scale != 1 and untrained_null:
         utils.fail(f"--cfg-scale {args.cfg_scale}: this {recipe['model']} was trained without label dropout, so it has "
                    f"no null class to guide with: pass --cfg-scale 1")
     if args.class_labels and any(not 0 <= c < model.num_classes for c in args.class_labels):

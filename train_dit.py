@@ -49,6 +49,8 @@ def prepare_latents(args, device):
                        "(DiT and SiT used sd-vae-ft-ema)")
         try:
             ae = models.load_autoencoder(args.vae, args.trust_checkpoint).to(device).eval()
+            if meta is not None and args.vae.startswith("scratch:"):  # the cache keeps the weights it drew
+                ae = data.same_architecture_from_cache(ae, meta, args.trust_checkpoint).to(device)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             utils.fail(f"--vae {args.vae}: {str(e).strip(chr(34) + chr(39))}")
         if ae.kind != "kl":

@@ -46,6 +46,8 @@ def prepare_tokens(args, device):
                        "(MaskGIT-pytorch: taming's vq-f16-1024)")
         try:
             ae = models.load_autoencoder(args.vae, args.trust_checkpoint).to(device).eval()
+            if meta is not None and args.vae.startswith("scratch:"):  # the cache keeps the weights it drew
+                ae = data.same_architecture_from_cache(ae, meta, args.trust_checkpoint).to(device)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             utils.fail(f"--vae {args.vae}: {str(e).strip(chr(34) + chr(39))}")
         if ae.kind != "vq":
@@ -53,6 +55,8 @@ def prepare_tokens(args, device):
                        f"train DiT/SiT on continuous latents")
         if args.image_size % ae.downsample_factor:
             utils.fail(f"--image-size {args.image_size} is not a multiple of the VQ model's factor {ae.downsample_factor}")
+        if ae.quantize.n_embed > 1 << 15:  # before the folder scan and any write
+            utils.fail(f"--vae {args.vae}: a codebook of {ae.quantize.n_embed} codes does not fit the cache's int16 tokens")
         try:
             fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm",
                                data=data.data_source(args.data_path))
@@ -166,6 +170,7 @@ def main(args):
     recipe = models.maskgit_recipe(args.model, model.config, meta["image_size"], meta["vae"], meta["vae_hash"],
                                    meta["class_names"])
     recipe["tokens"].update(data=meta.get("data"), count=meta["count"])  # what --resume checks
+    recipe["class_dropout_prob"] = args.class_dropout_prob  # 0: the null class is untrained, sample.py refuses guidance
     notes = []
     if args.init_from and resume_ckpt is None:
         try:
@@ -302,6 +307,9 @@ def check_args(args, world_size):
         utils.fail("--num-workers must be 0 (load in the training process) or more")
     if args.warmup_steps < 0:
         utils.fail("--warmup-steps must be 0 or more")
+    if args.class_dropout_prob == 0 and args.cfg_scale != 1 and args.sample_every > 0:
+        utils.fail(f"--cfg-scale {args.cfg_scale} for the sample grids needs the null class that label dropout trains: "
+                   f"--class-dropout-prob 0 leaves it untrained; pass --cfg-scale 1 (or --sample-every 0)")
 
 
 # ----------------------------------------------------------------------------- flags

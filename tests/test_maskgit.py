@@ -397,7 +397,33 @@ def test_bad_input_fails_before_anything_is_written(tiny_run, tmp_path):
     out = run_cli(["--preset", "repa", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
                    "--sample-dir", str(tmp_path / "s")], script="sample.py")
     assert out.returncode == 2 and "--preset repa is a DiT/SiT sampler setting" in out.stderr
+    # without label dropout the null class is never trained: guidance is refused, in training grids and in sample.py
+    out = run_cli(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--class-dropout-prob", "0",
+                   "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
+    assert out.returncode == 2 and "--class-dropout-prob 0 leaves it untrained" in out.stderr
+    state = torch.load(tiny_run / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    state["maskgit"]["class_dropout_prob"] = 0.0
+    torch.save(state, tmp_path / "no-dropout.pt")
+    out = run_cli(["--preset", "tiny", "--ckpt", str(tmp_path / "no-dropout.pt"), "--sample-dir", str(tmp_path / "s")],
+                  script="sample.py")
+    assert out.returncode == 2 and "no null class to guide with" in out.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "t" / "meta.json").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_moved_cache_keeps_its_scratch_model_and_any_seed_reuses_it(tiny_run, tmp_path):
+    """A cache built with a scratch: VQ model keeps its weights inside; moved elsewhere it still
+    decodes (sample grids), and --preset tiny with another --global-seed reuses it, not new weights."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_run / "tokens", moved)
+    meta = json.loads((moved / "meta.json").read_text())  # as if built in a folder since moved away
+    meta["vae"] = str(tmp_path / "gone" / "autoencoder.pt")
+    (moved / "meta.json").write_text(json.dumps(meta))
+    out = run_cli(["--preset", "tiny", "--tokens", str(moved), "--global-seed", "1", "--max-steps", "1", "--sample-every", "1",
+                   "--run-dir", str(tmp_path / "run")], script="train_maskgit.py")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "samples-0000001.png").is_file()
 
 
 def test_benchmarks_tiny():

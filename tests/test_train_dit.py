@@ -99,8 +99,12 @@ def test_cache_is_reused_and_refused_for_another_autoencoder_or_size(cache, tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     assert "caching latents" not in out.stderr  # the same autoencoder and size: reused, not rebuilt
     assert {p: os.path.getmtime(cache / p) for p in os.listdir(cache)} == before
-    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--global-seed", "1", "--run-dir", str(tmp_path / "r1")])
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--vae", "scratch:small", "--run-dir", str(tmp_path / "r1")])
     assert out.returncode == 2 and "vae_hash" in out.stderr and "another cache folder" in out.stderr
+    # the same scratch architecture under another seed: the weights the cache drew, not new ones
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--global-seed", "1", "--max-steps", "1", "--sample-every", "0",
+                   "--run-dir", str(tmp_path / "seed1")])
+    assert out.returncode == 0, out.stderr[-3000:]
     out = run_cli(["--preset", "tiny", "--latents", str(cache), "--image-size", "64", "--run-dir", str(tmp_path / "r2")])
     assert out.returncode == 2 and "image_size" in out.stderr
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
