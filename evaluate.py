@@ -2012,7 +2012,8 @@ def parse_args(argv=None):
                             f"into $EQVAE_CACHE), or `random` for offline smoke runs (numbers then not comparable)")
 
     def loader_flags(p, what="Inception forward"):
-        p.add_argument("--batch-size", type=int, default=None, help=f"images per {what}, per process (default 64)")
+        p.add_argument("--per-proc-batch-size", "--batch-size", dest="batch_size", type=int, default=None,
+                       help=f"images per {what}, per process (default 64)")
         p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes per process (default 4)")
         p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="tiny: batch 8, no workers (CPU smoke runs)")
 
@@ -2038,8 +2039,8 @@ def parse_args(argv=None):
         p.add_argument("--num-images", type=int, default=num_images,
                        help="evaluate a seeded random subset of this many images (default: " +
                             ("all" if num_images is None else str(num_images)) + ")")
-        p.add_argument("--seed", type=int, default=0,
-                       help="seed of the --num-images subset (and of the posterior noise under --protocol eqvae)")
+        p.add_argument("--global-seed", "--seed", dest="seed", type=int, default=0,
+                       help="seed of the --num-images subset (and, for recon --protocol eqvae, of the posterior noise)")
         p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                        help="arithmetic of the autoencoders (and of recon's Inception): fp32 (the reference), "
                             "tf32 (CUDA) or bf16 autocast")

@@ -1637,6 +1637,8 @@ def maskgit_from_checkpoint(obj, spec, model_name=None, use_ema=True):
         if model_name and model_name != recipe["model"]:
             raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: pass --model "
                              f"{recipe['model']} (sample.py: or leave --model out)")
+        if use_ema and obj.get("ema") is None:  # v1.0's recipe keeps no EMA
+            utils.print0(f"note: {spec} kept no EMA: its raw weights are used")
         sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
         model = MaskGIT(**recipe["config"])
     else:

@@ -265,7 +265,8 @@ def parse_args(argv=None):
                    default=None, help="architecture of an official .pt/.pth file (ours and the released names carry it)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="our checkpoints: EMA weights (default) or raw")
     p.add_argument("--vae", default=None, help="decoder (default: the autoencoder recorded with the model)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of checkpoints you trust")
+    p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow full unpickling of checkpoints you trust")
     # the sampler
     p.add_argument("--sampler", choices=diffusion.SAMPLERS, default=None,
                    help="ddpm (DiT's), ddim: diffusion models; euler, heun (ODE), sde (Euler-Maruyama, SiT's FID setting): "

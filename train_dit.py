@@ -496,9 +496,11 @@ def parse_args(argv=None):
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (the cached flipped copies; default: on, as DiT; off with --repa, as REPA)")
     p.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of checkpoints you trust")
+    p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow full unpickling of checkpoints you trust")
     # model and objective
-    p.add_argument("--model", choices=list(models.DiT_models) + list(models.SiT_models), default="DiT-XL/2")
+    p.add_argument("--model", choices=list(models.DiT_models) + list(models.SiT_models), default="DiT-XL/2",
+                   help="architecture: the paper's Tables 1, 2, 5, 6 train DiT-B/2, Table 4 SiT-XL/2 and DiT-XL/2")
     p.add_argument("--objective", choices=["diffusion", "transport"], default=None,
                    help="diffusion: DDPM, epsilon prediction (DiT's default); transport: interpolant (SiT's default)")
     p.add_argument("--path-type", choices=["linear", "gvp"], default="linear", help="transport path (SiT: linear)")

@@ -339,7 +339,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-shard-size", type=int, default=1000, help="images per cache shard file (each with its flip)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (the cached flipped copies)")
     p.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of checkpoints you trust "
+    p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow full unpickling of checkpoints you trust "
                    "(taming's VQGAN .ckpt needs it)")
     # model and objective (MaskGIT-pytorch v1.0)
     p.add_argument("--model", choices=list(models.MaskGIT_models), default="MaskGIT-B",

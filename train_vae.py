@@ -753,7 +753,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data and run folder
     p.add_argument("--data-path", default=None, help="training images: a folder (recursive) or builtin:shapes[:N[:SEED]]; the paper: OpenImages")
-    p.add_argument("--val-data-path", default=None, help="held-out images for the periodic equivariance/PSNR check (default: see log)")
+    p.add_argument("--val-data-path", default=None, help="held-out images for the periodic equivariance/PSNR check "
+                   "(default: for builtin:NAME:N:SEED the set builtin:NAME:--num-eval-images:SEED+10000, for a folder "
+                   "its first --num-eval-images images)")
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders")
     p.add_argument("--run-dir", default=None, help="exact run folder (default: a new numbered folder under --results-dir)")
     p.add_argument("--image-size", type=int, default=256, help="training crop side in pixels (paper: 256)")
@@ -768,7 +770,8 @@ def parse_args(argv=None):
     # model
     p.add_argument("--vae", default="kl-f8", help="starting weights: a name (kl-f8, sd-vae-ft-ema, vq-f16-1024, ...), a path, "
                    "or scratch:CONFIG; the paper fine-tunes LDM's kl-f8 (SD-VAE)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of --vae/--resume files you trust")
+    p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow full unpickling of --vae/--resume files you trust")
     p.add_argument("--resume", default=None, help="continue a run exactly: a checkpoint, or a run folder (uses latest.pt)")
     p.add_argument("--allow-changed-flags", action=argparse.BooleanOptionalAction, default=False,
                    help="let --resume continue with objective or data flags that differ from the checkpoint's (logged)")
@@ -801,22 +804,26 @@ def parse_args(argv=None):
     p.add_argument("--explicit-weight", type=float, default=0.1, help="lambda of the explicit loss (App. A.1: 0.1)")
     # standard objective (LDM LPIPSWithDiscriminator / taming VQLPIPSWithDiscriminator)
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS-VGG weight (LDM: 1.0; 0 disables LPIPS)")
-    p.add_argument("--lpips-random", action="store_true", help="random VGG backbone for LPIPS (offline smoke runs; labelled in the log)")
+    p.add_argument("--lpips-random", action=argparse.BooleanOptionalAction, default=False,
+                   help="random VGG backbone for LPIPS (offline smoke runs; labelled in the log)")
     p.add_argument("--kl-weight", type=float, default=None, help="KL weight, KL models only (LDM kl-f8: 1e-6)")
     p.add_argument("--logvar", type=float, default=None,
                    help="LDM's fixed log-variance of the reconstruction term, KL models only (default: the starting checkpoint's, else 0)")
     p.add_argument("--codebook-weight", type=float, default=None, help="VQ loss weight, VQ models only (taming: 1.0)")
     p.add_argument("--disc-weight", type=float, default=None, help="GAN weight times the adaptive weight (LDM kl-f8: 0.5, taming VQ: 0.8; 0 disables)")
     p.add_argument("--disc-start", type=int, default=0, help="step at which the discriminator switches on (EQ-VAE config: 0)")
-    p.add_argument("--disc-factor", type=float, default=1.0, help="disc_factor of LDM's loss")
+    p.add_argument("--disc-factor", type=float, default=1.0, help="disc_factor of LDM's loss (LDM: 1.0)")
     p.add_argument("--disc-channels", type=int, default=64, help="PatchGAN base channels (LDM: 64)")
     p.add_argument("--disc-layers", type=int, default=3, help="PatchGAN strided layers (LDM: 3)")
     # optimisation
-    p.add_argument("--global-batch-size", type=int, default=80, help="images per step over all processes (paper: 8 GPUs x 10)")
+    p.add_argument("--global-batch-size", type=int, default=80,
+                   help="images per micro-batch over all processes; a step sees this x --grad-accum (official run: "
+                        "8 GPUs x 10, x 2 = 160; the paper: batch 10 per GPU)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches accumulated per step (official run: 2)")
     p.add_argument("--base-lr", type=float, default=4.5e-6, help="lr per image of effective batch (LDM: 4.5e-6)")
     p.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --base-lr scaling)")
-    p.add_argument("--max-grad-norm", type=float, default=0.0, help="gradient clipping of the autoencoder; 0 disables (LDM: off)")
+    p.add_argument("--grad-clip", "--max-grad-norm", dest="max_grad_norm", type=float, default=0.0,
+                   help="gradient clipping of the autoencoder; 0 disables (LDM: off)")
     p.add_argument("--epochs", type=int, default=5, help="passes over --data-path (paper: 5)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr-decay-steps", type=int, default=0,
