@@ -492,17 +492,19 @@ def test_cli_broken_images_are_left_out_on_record_or_stop_the_run(ae_files):
     assert result["num_images"] == 2 and any("1 unreadable image(s) left out" in n and "0.png" in n for n in result["notes"])
 
 
-def test_cli_bad_input_stops_with_one_line(ae_files):
+def test_cli_bad_input_stops_with_one_line(ae_files, monkeypatch, capsys):
     """An --out that is a folder and an image size SSIM cannot window are refused before any work."""
+    monkeypatch.chdir(ae_files)
+    monkeypatch.setenv("EQVAE_CACHE", str(ae_files / "cache"))
     folder = ae_files / "a-folder"
     folder.mkdir()
-    cases = [
-             (["equiv", *AE_ARGS, "--data-path", "builtin:shapes:2", "--out", str(folder)], "is a folder"),
+    cases = [(["equiv", *AE_ARGS, "--data-path", "builtin:shapes:2", "--out", str(folder)], "is a folder"),
              (["recon", *AE_ARGS, "--image-size", "8", "--data-path", "builtin:shapes:2", "--inception-weights", "random",
                "--lpips-random"], "SSIM's 11x11 window")]
     for argv, message in cases:
-        r = run_cli(argv, ae_files)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        with pytest.raises(SystemExit) as e:
+            ev.main(ev.parse_args(argv))
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [
