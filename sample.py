@@ -309,6 +309,8 @@ def parse_args(argv=None):
     for flag in ("r_temp", "sm_temp", "cfg_scale"):
         if getattr(args, flag) is not None and not 0 <= getattr(args, flag) < float("inf"):
             p.error(f"--{flag.replace('_', '-')} must be a finite number, 0 or more")
+    if not 0 <= args.global_seed < 1 << 32:  # sample i's stream is seeded with seed x 1,000,003 + i (int64)
+        p.error(f"--global-seed {args.global_seed}: give a seed in [0, 2^32)")
     if args.sm_temp is not None and args.sm_temp == 0:
         p.error("--sm-temp 0 makes every code equally likely (uniform noise); large values approach greedy decoding")
     args.cli_flags = sorted(utils.explicit_flags(p, argv))

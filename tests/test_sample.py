@@ -153,6 +153,9 @@ def test_bad_input_and_offline_released_weights(ckpts, tmp_path):
     with pytest.raises(SystemExit) as e:  # uniform codes, not greedy decoding
         sample.parse_args(["--ckpt", ckpts["DiT-T/2"], "--sm-temp", "0"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # beyond int64 once multiplied by 1,000,003: a crash at the first batch
+        sample.parse_args(["--ckpt", ckpts["DiT-T/2"], "--global-seed", str(10**13)])
+    assert e.value.code == 2
 
 
 def test_a_sample_folder_follows_the_weights_not_the_path(ckpts, tmp_path):
