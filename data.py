@@ -442,6 +442,22 @@ def same_architecture_from_cache(ae, meta, trust_checkpoint=False):
     return saved if shapes(saved) == shapes(ae) else ae
 
 
+def check_resumed_cache(recorded, meta, flag, folder):
+    """--resume on the cache `folder` (--latents/--tokens): it must hold the codes of the run's
+    autoencoder (weights hash) and of its images (source and count), as `recorded` in the run's
+    recipe; a moved cache is fine. Other images would change the data order and the statistics.
+    Returns the failure message, or None."""
+    what = "latents" if flag == "latents" else "tokens"
+    if recorded.get("vae_hash") not in (None, meta["vae_hash"]):
+        return (f"--{flag} {folder} holds the {what} of another autoencoder than the resumed run's (weights hash "
+                f"{meta['vae_hash']}, the run's {recorded['vae_hash']}): pass the run's cache")
+    changed = [k for k in ("data", "count") if recorded.get(k) is not None and recorded[k] != meta.get(k)]
+    if changed:
+        return (f"--{flag} {folder} holds other images than the resumed run's cache ("
+                + "; ".join(f"{k}: {meta.get(k)} here, {recorded[k]} in the run" for k in changed) + "): pass the run's cache")
+    return None
+
+
 def dataset_labels(dataset):
     """(labels as int64 array, class names) without reading any pixel."""
     if isinstance(dataset, ShapesDataset):

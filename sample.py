@@ -151,9 +151,8 @@ def main(args):
     if rank == 0:
         os.makedirs(args.sample_dir, exist_ok=True)
     utils.barrier()
-    # the weights themselves, not only the path: checkpoints/latest.pt changes while a run trains
-    settings = dict(ckpt=args.ckpt, weights_hash=data.weights_hash(model) if rank == 0 else None, ema=args.ema, vae=vae,
-                    num_steps=args.num_steps, cfg_scale=args.cfg_scale, global_seed=args.global_seed, precision=args.precision)
+    settings = dict(ckpt=args.ckpt, ema=args.ema, vae=vae, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                    global_seed=args.global_seed, precision=args.precision)
     if maskgit:
         settings.update(sched_mode=args.sched_mode, r_temp=args.r_temp, sm_temp=args.sm_temp)
         utils.print0(f"{recipe['model']} from {args.ckpt}, {args.num_steps} {args.sched_mode} steps, cfg {args.cfg_scale} "
@@ -184,18 +183,20 @@ def main(args):
         return path
 
     # N samples in chunks spread over the ranks; finished chunks are kept (resumable)
-    settings.update(num_samples=args.num_samples, class_balanced=args.class_balanced)
     settings_path = os.path.join(args.sample_dir, "settings.json")
     out_path = os.path.join(args.sample_dir, "samples.npz")
     if rank == 0:
-        if os.path.isfile(settings_path) and (chunk_files(args.sample_dir) or os.path.isfile(out_path)):
+        # the weights themselves, not only the path: checkpoints/latest.pt changes while a run trains
+        settings.update(num_samples=args.num_samples, class_balanced=args.class_balanced, weights_hash=data.weights_hash(model))
+        has_samples = bool(chunk_files(args.sample_dir)) or os.path.isfile(out_path)
+        if has_samples and os.path.isfile(settings_path):
             with open(settings_path) as f:
                 previous = json.load(f)
             diffs = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in settings.items() if previous.get(k) != v]
             if diffs:
                 utils.fail(f"--sample-dir {args.sample_dir} holds samples made with other settings ({'; '.join(diffs)}): "
                            f"choose another --sample-dir")
-        elif chunk_files(args.sample_dir) or os.path.isfile(out_path):  # made by whom, with what?
+        elif has_samples:  # made by whom, with what?
             utils.fail(f"--sample-dir {args.sample_dir} holds samples but no settings.json to tell how they were made: "
                        f"choose another --sample-dir")
         else:  # no sample yet (a first attempt may have failed before its first chunk): these settings

@@ -199,13 +199,9 @@ def main(args):
     repa = dict(z_dims=[e.embed_dim for e in encoders], encoder_depth=args.encoder_depth, projector_dim=args.projector_dim,
                 qk_norm=args.qk_norm) if args.repa else dict(qk_norm=args.qk_norm)
     recorded = resume_ckpt["generator"]["latent"] if resume_ckpt is not None else {}
-    if recorded.get("vae_hash") not in (None, meta["vae_hash"]):
-        utils.fail(f"--latents {args.latents} holds the latents of another autoencoder than the resumed run's (weights "
-                   f"hash {meta['vae_hash']}, the run's {recorded['vae_hash']}): pass the run's cache")
-    changed = [k for k in ("data", "count") if recorded.get(k) is not None and recorded[k] != meta.get(k)]
-    if changed:  # a moved cache is fine; other images would change the data order and the statistics
-        utils.fail(f"--latents {args.latents} holds other images than the resumed run's cache ("
-                   + "; ".join(f"{k}: {meta.get(k)} here, {recorded[k]} in the run" for k in changed) + "): pass the run's cache")
+    problem = data.check_resumed_cache(recorded, meta, "latents", args.latents)
+    if problem:
+        utils.fail(problem)
     utils.seed_everything(args.global_seed)  # the initial weights depend on the seed only, not on what caching drew
     try:
         model = models.build_generator(args.model, input_size=h, in_channels=C, num_classes=meta["num_classes"],

@@ -150,13 +150,9 @@ def main(args):
     meta, ae = prepare_tokens(args, device)
     h = meta["token_grid"]
     recorded = resume_ckpt["maskgit"]["tokens"] if resume_ckpt is not None else {}
-    if recorded.get("vae_hash") not in (None, meta["vae_hash"]):
-        utils.fail(f"--tokens {args.tokens} holds the tokens of another autoencoder than the resumed run's (weights "
-                   f"hash {meta['vae_hash']}, the run's {recorded['vae_hash']}): pass the run's cache")
-    changed = [k for k in ("data", "count") if recorded.get(k) is not None and recorded[k] != meta.get(k)]
-    if changed:  # a moved cache is fine; other images would change the data order
-        utils.fail(f"--tokens {args.tokens} holds other images than the resumed run's cache ("
-                   + "; ".join(f"{k}: {meta.get(k)} here, {recorded[k]} in the run" for k in changed) + "): pass the run's cache")
+    problem = data.check_resumed_cache(recorded, meta, "tokens", args.tokens)
+    if problem:
+        utils.fail(problem)
     utils.seed_everything(args.global_seed)  # the initial weights depend on the seed only, not on what caching drew
     try:
         model = models.MaskGIT_models[args.model](input_size=h, codebook_size=meta["codebook_size"],

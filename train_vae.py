@@ -431,8 +431,9 @@ def main(args):
     # explicit term's tau x only meets the encoder) or the low-resolution prior preservation runs
     lat = min(width, height) // ae.downsample_factor
     scaled = args.lowres_prob > 0 or (args.eq_mode == "implicit" and args.eq_prob > 0 and args.eq_transform != "rotation")
-    smallest_side = (lat if not scaled else models.eq_transform(lat, lat, scale=min(args.eq_scales)).new_h if args.eq_scales
-                     else min(models.scale_grid(lat)))
+    smallest_side = lat
+    if scaled:
+        smallest_side = models.eq_transform(lat, lat, scale=min(args.eq_scales)).new_h if args.eq_scales else min(models.scale_grid(lat))
     smallest = smallest_side * ae.downsample_factor
     try:  # shape inference on the meta device: does the PatchGAN fit the smallest image it is shown?
         with torch.device("meta"):

@@ -401,7 +401,7 @@ def test_bad_input_fails_before_anything_is_written(tiny_run, tmp_path):
     out = run_cli(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--class-dropout-prob", "0",
                    "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
     assert out.returncode == 2 and "--class-dropout-prob 0 leaves it untrained" in out.stderr
-    state = torch.load(tiny_run / "run" / "checkpoints" / "latest.pt", weights_only=False)
+    state = utils.load_checkpoint(str(tiny_run / "run" / "checkpoints" / "latest.pt"))
     state["maskgit"]["class_dropout_prob"] = 0.0
     torch.save(state, tmp_path / "no-dropout.pt")
     out = run_cli(["--preset", "tiny", "--ckpt", str(tmp_path / "no-dropout.pt"), "--sample-dir", str(tmp_path / "s")],
