@@ -267,10 +267,30 @@ def _datasheet_bf16_tflops(device):
     return next((tflops for part, tflops in DATASHEET_BF16_TFLOPS if part in name), None)
 
 
+def _native_bf16(device):
+    """Whether this device computes bf16 in hardware: CUDA GPUs do; on CPU, oneDNN's bf16 kernels
+    need AVX-512. An AVX2-only CPU (many AMD EPYCs) emulates bf16, 10 to 100 times slower than fp32."""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _cpu_name():
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown"
+
+
 def _add_mfu(result, key, flops, seconds, peaks, device):
     """MFU of contender `key` (counted FLOPs per call / seconds per call) against the measured matmul
-    peak of its precision, and for bf16 on a known GPU against the datasheet peak."""
+    peak of its precision, and for bf16 on a known GPU against the datasheet peak. Emulated bf16 has
+    no meaningful peak: its contenders get no MFU (their images/s stand)."""
     precision = "bf16" if "bf16" in key else _full_precision(device)
+    if precision not in peaks:
+        return
     result[f"{key}_mfu_vs_measured_peak"] = flops / seconds / peaks[precision]
     datasheet = _datasheet_bf16_tflops(device)
     if precision == "bf16" and datasheet:
@@ -278,9 +298,14 @@ def _add_mfu(result, key, flops, seconds, peaks, device):
 
 
 def _measured_peaks(device, result):
-    """Measured matmul peaks of full precision and bf16 (FLOP/s), also recorded in `result` in TFLOP/s."""
-    peaks = {_full_precision(device): _peak_matmul_flops(device, torch.float32),
-             "bf16": _peak_matmul_flops(device, torch.bfloat16)}
+    """Measured matmul peaks of full precision and bf16 (FLOP/s), also recorded in `result` in TFLOP/s.
+    Without hardware bf16 only the full-precision peak is measured (an emulated 2048^3 bf16 matmul
+    takes a minute), and `result` says why bf16 has none."""
+    peaks = {_full_precision(device): _peak_matmul_flops(device, torch.float32)}
+    if _native_bf16(device):
+        peaks["bf16"] = _peak_matmul_flops(device, torch.bfloat16)
+    else:
+        result["bf16_note"] = "this CPU has no hardware bf16 (no AVX-512): bf16 is emulated, and has no MFU"
     for precision, flops in peaks.items():
         result[f"measured_peak_tflops_{precision}"] = flops / 1e12
     datasheet = _datasheet_bf16_tflops(device)
@@ -568,6 +593,9 @@ def main(args):
     header = {"torch": torch.__version__, "device": args.device, "preset": args.preset}
     if device.type == "cuda":
         header.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    else:  # CPU numbers depend on the vector units: bf16 is emulated without AVX-512
+        header.update(cpu=_cpu_name(), threads=torch.get_num_threads(), vector_isa=torch.backends.cpu.get_cpu_capability(),
+                      hardware_bf16=_native_bf16(device))
     print(", ".join(f"{k}={v}" for k, v in header.items()), flush=True)
     results, failed = {}, []
     for name in args.only or list(BENCHMARKS):
