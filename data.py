@@ -653,22 +653,28 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
 
     build_shards(folder, dataset, plan, (*fingerprint, "count", "dtype", "shard_images", "images"), encode_pairs,
                  batch_size, num_workers, shard_images, desc="caching latents")
-    meta = plan
-    if utils.is_main():
-        # per-channel statistics of z = mean + std * noise over all stored latents, exactly:
-        # E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2]; and of the mean alone (--no-latent-sample)
-        C = latent_shape[0]
-        s1, s2, v2, count = np.zeros(C), np.zeros(C), np.zeros(C), 0
-        for k in range(num_shards):
-            shard = np.load(_shard_path(folder, k), mmap_mode="r")
-            m, s = shard[:, :, 0].astype(np.float64), shard[:, :, 1].astype(np.float64)
-            s1 += m.sum(axis=(0, 1, 3, 4))
-            s2 += (m ** 2).sum(axis=(0, 1, 3, 4))
-            v2 += (s ** 2).sum(axis=(0, 1, 3, 4))
-            count += m.shape[0] * m.shape[1] * m.shape[3] * m.shape[4]
-        mu = s1 / count
-        meta = dict(plan, channel_mean=mu.tolist(), channel_std=np.sqrt(np.maximum((s2 + v2) / count - mu ** 2, 0)).tolist(),
-                    channel_std_of_mean=np.sqrt(np.maximum(s2 / count - mu ** 2, 0)).tolist())
+    # per-channel statistics of z = mean + std * noise over all stored latents, exactly:
+    # E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2]; and of the mean alone (--no-latent-sample).
+    # Each rank reads its share of the shards (ImageNet's cache is ~20 GB); the per-shard sums are
+    # then added in shard order on every rank, so the numbers do not depend on the process count
+    C = latent_shape[0]
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    per_shard = np.zeros((num_shards, 4, C))  # sum of mean, of mean^2, of std^2, and the element count
+    for k in range(rank, num_shards, world):
+        shard = np.load(_shard_path(folder, k), mmap_mode="r")
+        m, s = shard[:, :, 0].astype(np.float64), shard[:, :, 1].astype(np.float64)
+        per_shard[k, 0], per_shard[k, 1] = m.sum(axis=(0, 1, 3, 4)), (m ** 2).sum(axis=(0, 1, 3, 4))
+        per_shard[k, 2], per_shard[k, 3] = (s ** 2).sum(axis=(0, 1, 3, 4)), m.size // C
+    # every row is one rank's and zeros elsewhere, so the sum over ranks is exact
+    per_shard = utils.global_sum(torch.from_numpy(per_shard).to(device))[0].cpu().numpy()
+    totals = np.zeros((4, C))
+    for shard_sums in per_shard:  # in shard order, whatever the process count
+        totals = totals + shard_sums
+    s1, s2, v2, count = totals
+    mu = s1 / count
+    meta = dict(plan, channel_mean=mu.tolist(), channel_std=np.sqrt(np.maximum((s2 + v2) / count - mu ** 2, 0)).tolist(),
+                channel_std_of_mean=np.sqrt(np.maximum(s2 / count - mu ** 2, 0)).tolist())
     return finish_cache(folder, meta, CACHE_FORMAT)
 
 

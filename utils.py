@@ -303,12 +303,22 @@ def load_checkpoint(path, trust_checkpoint=False):
 
 
 def make_run_dir(results_dir, name):
-    """results/NNN-name, numbered like DiT's experiment folders; every rank gets rank 0's choice."""
+    """results/NNN-name, numbered like DiT's experiment folders; every rank gets rank 0's choice.
+    The folder is claimed with an exclusive mkdir, so two jobs started at once (a job array on a
+    shared results folder) take different numbers instead of writing into one folder."""
+    safe = name.replace("/", "-").replace(":", "-").replace(".", "_")
+    path = None
     if is_main():
         os.makedirs(results_dir, exist_ok=True)
-    existing = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()] if is_main() else []
-    safe = name.replace("/", "-").replace(":", "-").replace(".", "_")
-    return broadcast_object(os.path.join(results_dir, f"{max(existing, default=-1) + 1:03d}-{safe}"))
+        existing = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()]
+        number = max(existing, default=-1) + 1
+        while path is None:
+            try:
+                os.mkdir(os.path.join(results_dir, f"{number:03d}-{safe}"))
+                path = os.path.join(results_dir, f"{number:03d}-{safe}")
+            except FileExistsError:  # another job took it between the listing and the mkdir
+                number += 1
+    return broadcast_object(path)
 
 
 def check_output_folders(args, *folder_flags):

@@ -122,14 +122,17 @@ def test_interrupted_cache_build_resumes_and_matches_a_full_build(cache, tmp_pat
     with pytest.raises(FileNotFoundError, match="interrupted build"):
         data.LatentDataset(str(folder))
     os.utime(folder / "moments-00000.npy", (1, 1))  # a finished shard is never rewritten
+    # finished on 2 processes: each encodes, then reads for the statistics, its own shards
     out = run_cli(["--preset", "tiny", "--latents", str(folder), "--cache-shard-size", "10", "--max-steps", "1",
-                   "--sample-every", "0", "--run-dir", str(tmp_path / "run")])
+                   "--sample-every", "0", "--global-batch-size", "8", "--run-dir", str(tmp_path / "run")], nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
     assert os.path.getmtime(folder / "moments-00000.npy") == 1
     assert (folder / "build.json").exists()  # kept: a later repair must be the same build
     for k in range(4):
         assert np.array_equal(np.load(folder / f"moments-{k:05d}.npy"), np.load(cache / f"moments-{k:05d}.npy"))
-    assert data.read_cache_meta(str(folder))["channel_std"] == data.read_cache_meta(str(cache))["channel_std"]
+    resumed, built_in_one = data.read_cache_meta(str(folder)), data.read_cache_meta(str(cache))
+    for key in ("channel_mean", "channel_std", "channel_std_of_mean"):  # to the last bit, as in one process
+        assert resumed[key] == built_in_one[key]
 
 
 def test_truncated_or_foreign_shard_is_named(cache, tmp_path):

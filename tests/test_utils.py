@@ -334,3 +334,15 @@ def test_a_pickle_not_written_by_torch_is_not_offered_trust(tmp_path):
     assert "--trust-checkpoint" not in str(e.value)
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6's format
     assert torch.equal(utils.load_checkpoint(str(tmp_path / "legacy.pt"))["w"], torch.ones(2))
+
+
+def test_run_folders_are_claimed_so_jobs_started_together_get_their_own(tmp_path, monkeypatch):
+    """Two jobs that list the results folder before either writes its run would pick the same
+    number: the folder is claimed with an exclusive mkdir, and the second job takes the next one."""
+    (tmp_path / "004-DiT-XL-2-diffusion").mkdir()
+    first = utils.make_run_dir(str(tmp_path), "DiT-XL/2-diffusion")
+    assert first == str(tmp_path / "005-DiT-XL-2-diffusion") and os.path.isdir(first)
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: [d for d in real_listdir(path) if not d.startswith("005")])
+    second = utils.make_run_dir(str(tmp_path), "DiT-XL/2-diffusion")  # its listing predates the first's folder
+    assert second == str(tmp_path / "006-DiT-XL-2-diffusion") and os.path.isdir(second)
