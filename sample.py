@@ -10,13 +10,14 @@ the end result is DIR/samples.npz (arr_0: uint8 NHWC images, arr_1: labels), whi
   one GPU:    python sample.py --ckpt DiT-XL/2-256 --cfg-scale 1.5 --cfg-channels 3 --sample-dir samples/dit-xl
   8 GPUs:     torchrun --nproc_per_node=8 sample.py --ckpt results/003-SiT-XL-2-transport/checkpoints/latest.pt \\
                   --sampler sde --num-steps 250 --num-samples 50000 --sample-dir samples/sit-xl
-  REPA:       python sample.py --preset repa --ckpt REPA-SiT-XL/2-256 --sample-dir samples/repa-xl
+  REPA:       python sample.py --recipe repa --ckpt REPA-SiT-XL/2-256 --sample-dir samples/repa-xl
   MaskGIT:    python sample.py --ckpt MaskGIT-B-256 --trust-checkpoint --sample-dir samples/maskgit-b
 """
 import argparse
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -100,8 +101,8 @@ def main(args):
         utils.fail(f"--ckpt {args.ckpt}: {str(e).strip(chr(34) + chr(39))}")
     model.to(device).eval()
     maskgit = isinstance(model, models.MaskGIT)
-    if maskgit and args.preset in SAMPLER_PRESETS:
-        utils.fail(f"--preset {args.preset} is a DiT/SiT sampler setting, not for this {recipe['model']}: remove it")
+    if maskgit and args.recipe:
+        utils.fail(f"--recipe {args.recipe} is a DiT/SiT sampler setting, not for this {recipe['model']}: remove it")
     # flags of the other family would do nothing: refused, not ignored
     foreign = sorted(set(args.cli_flags) & set(DIT_ONLY if maskgit else MASKGIT_ONLY))
     if foreign:
@@ -185,6 +186,7 @@ def main(args):
     # N samples in chunks spread over the ranks; finished chunks are kept (resumable)
     settings_path = os.path.join(args.sample_dir, "settings.json")
     out_path = os.path.join(args.sample_dir, "samples.npz")
+    problem = None
     if rank == 0:
         # the weights themselves, not only the path: checkpoints/latest.pt changes while a run trains
         settings.update(num_samples=args.num_samples, class_balanced=args.class_balanced, weights_hash=data.weights_hash(model))
@@ -194,14 +196,19 @@ def main(args):
                 previous = json.load(f)
             diffs = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in settings.items() if previous.get(k) != v]
             if diffs:
-                utils.fail(f"--sample-dir {args.sample_dir} holds samples made with other settings ({'; '.join(diffs)}): "
+                problem = (f"--sample-dir {args.sample_dir} holds samples made with other settings ({'; '.join(diffs)}): "
                            f"choose another --sample-dir")
         elif has_samples:  # made by whom, with what?
-            utils.fail(f"--sample-dir {args.sample_dir} holds samples but no settings.json to tell how they were made: "
+            problem = (f"--sample-dir {args.sample_dir} holds samples but no settings.json to tell how they were made: "
                        f"choose another --sample-dir")
         else:  # no sample yet (a first attempt may have failed before its first chunk): these settings
             utils.write_json(settings_path, settings)
-    utils.barrier()
+    # every rank stops on rank 0's finding (one error line, not the others' broken-collective tracebacks)
+    if utils.broadcast_object(problem):
+        utils.cleanup(sync=False)
+        if rank == 0:
+            utils.fail(problem)
+        sys.exit(2)
     if not os.path.isfile(out_path):
         # rank 0 lists what is left for all: a rank listing later could see a chunk another already wrote
         chunks = utils.broadcast_object(todo_chunks(args.num_samples, chunk_files(args.sample_dir), args.per_proc_batch_size)
@@ -245,10 +252,11 @@ def main(args):
 # flags of one family of models; given for the other they are refused
 DIT_ONLY = ("sampler", "cfg_channels", "guidance_low", "guidance_high")
 MASKGIT_ONLY = ("sched_mode", "r_temp", "sm_temp")
+# sizes (--preset) and published sampler settings (--recipe) are separate flags, so they combine
 PRESETS = {
     "tiny": dict(num_samples=8, per_proc_batch_size=4, num_steps=4, sample_dir="results/samples-tiny"),
 }
-SAMPLER_PRESETS = {
+RECIPES = {
     # REPA's FID setting (SDE, 250 steps, CFG 1.8 with the guidance interval up to 0.7)
     "repa": dict(sampler="sde", num_steps=250, cfg_scale=1.8, guidance_high=0.7),
     # its ODE setting: generate.py --mode ode --heun (50 steps; Heun's correction on all but the last)
@@ -297,13 +305,15 @@ def parse_args(argv=None):
     p.add_argument("--per-proc-batch-size", type=int, default=32, help="images per forward, per process")
     p.add_argument("--global-seed", type=int, default=0, help="seed: sample i's label and noise depend on it and i only")
     p.add_argument("--sample-dir", default="samples", help="output folder (samples.npz, preview.png, grid.png)")
-    p.add_argument("--preset", choices=sorted({**PRESETS, **SAMPLER_PRESETS}), default=None,
-                   help="tiny: CPU smoke run; repa: REPA's FID setting (SDE, 250 steps, CFG 1.8 in the interval [0, 0.7]); "
-                        "repa-ode: its ODE setting (Heun, 50 steps, same guidance)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="tiny: CPU smoke run (8 samples, 4 steps)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="repa: REPA's FID setting (SDE, 250 steps, CFG 1.8 in the interval [0, 0.7]); "
+                        "repa-ode: its ODE setting (Heun, 50 steps, same guidance); combines with --preset "
+                        "(the preset's step count wins)")
     args = p.parse_args(argv)
-    if args.preset:
-        p.set_defaults(**{**PRESETS, **SAMPLER_PRESETS}[args.preset])
-        args = p.parse_args(argv)  # flags given on the command line still win over the preset
+    if args.preset or args.recipe:
+        p.set_defaults(**{**RECIPES.get(args.recipe, {}), **PRESETS.get(args.preset, {})})
+        args = p.parse_args(argv)  # flags given on the command line still win over both
     for flag in ("num_samples", "per_proc_batch_size", "num_steps", "grid_rows", "cfg_channels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer")

@@ -99,7 +99,8 @@ def masked_token_loss(model, z, y, mask, mask_token, label_smoothing):
     """The objective: the network sees z with the masked tokens replaced by the mask token and is
     scored on those tokens alone, against z (mean cross-entropy with label smoothing over the masked
     tokens of the global batch; v1.0 averages over every token, masked or not: see the README).
-    -> (loss, logits)."""
+    -> (loss, logits, token_weight): a per-token sum on this rank times token_weight, averaged over
+    the ranks, is the global batch's mean over its masked tokens."""
     logits = model(torch.where(mask, mask_token, z), y)  # (N, T, K)
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), z.flatten(), label_smoothing=label_smoothing,
                                 reduction="none")  # (N * T,)
@@ -107,7 +108,8 @@ def masked_token_loss(model, z, y, mask, mask_token, label_smoothing):
     # ranks mask different numbers of tokens: each rank's sum over the global count, times the world
     # size that DDP's gradient average divides by, so the objective does not depend on the GPU count
     count, world_size = utils.global_sum(mask.sum())
-    return (per_token * mask).sum() * world_size / count.clamp(min=1), logits
+    token_weight = world_size / count.clamp(min=1)
+    return (per_token * mask).sum() * token_weight, logits, token_weight
 
 
 @torch.no_grad()
@@ -245,7 +247,8 @@ def main(args):
                 mask = draw_mask(z, args.mask_schedule)
                 y = torch.where(torch.rand(y.shape, device=device) < args.class_dropout_prob, model.num_classes, y)
                 with torch.autocast(**autocast):
-                    loss, logits = masked_token_loss(train_model, z, y, mask, model.mask_token, args.label_smoothing)
+                    loss, logits, token_weight = masked_token_loss(train_model, z, y, mask, model.mask_token,
+                                                                   args.label_smoothing)
                 grad_norm, nonfinite, stop_now = utils.optimizer_step(loss, model.parameters(), opt, scaler,
                                                                       args.grad_clip, stop.requested, device)
                 if nonfinite:
@@ -253,9 +256,10 @@ def main(args):
                 if ema is not None:
                     utils.update_ema(ema, model, args.ema_decay)
                 step += 1
-                hits = (logits.detach().argmax(-1).view_as(z) == z) & mask  # accuracy on the masked tokens
+                # accuracy on the masked tokens of the global batch (not a mean of per-rank accuracies)
+                hits = (logits.detach().argmax(-1).view_as(z) == z) & mask
                 for k, v in (("loss", loss.detach()), ("grad_norm", grad_norm.detach()),
-                             ("acc", hits.sum() / mask.sum().clamp(min=1))):
+                             ("acc", hits.sum() * token_weight)):
                     sums[k] = sums.get(k, 0.0) + v.float()
                 count += 1
 

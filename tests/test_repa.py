@@ -1,6 +1,7 @@
 """REPA: the DINOv2 encoder (official names, position interpolation, REPA's resample), SiT with
 REPA's projectors (REPA's names), the alignment loss, images in the latent cache, and
 train_dit.py --repa / sample.py through their real command lines."""
+import json
 import os
 
 import numpy as np
@@ -215,10 +216,13 @@ def test_tiny_repa_run_logs_alignment_saves_its_recipe_and_samples(repa_run):
     assert recipe["repa"] == dict(encoder="random", proj_coeff=0.5) and recipe["objective"]["time_input"] == "repa"
     assert recipe["config"]["z_dims"] == [384] and recipe["config"]["encoder_depth"] == 2
     assert ckpt["args"]["grad_clip"] == 1.0 and ckpt["args"]["learn_sigma"] is None and ckpt["args"]["flip"] is False
-    out = run_cli(["--preset", "repa", "--ckpt", str(run / "checkpoints" / "latest.pt"), "--num-samples", "4",
-                   "--per-proc-batch-size", "2", "--num-steps", "5", "--sample-dir", str(repa_run / "samples")],
+    # a size preset and REPA's sampler recipe combine: the recipe's sampler and guidance, the preset's step count
+    out = run_cli(["--preset", "tiny", "--recipe", "repa", "--ckpt", str(run / "checkpoints" / "latest.pt"),
+                   "--num-samples", "4", "--per-proc-batch-size", "2", "--sample-dir", str(repa_run / "samples")],
                   script="sample.py")
     assert out.returncode == 0, out.stderr[-3000:]
+    settings = json.loads((repa_run / "samples" / "settings.json").read_text())
+    assert (settings["sampler"], settings["num_steps"], settings["cfg_scale"], settings["guidance_high"]) == ("sde", 4, 1.8, 0.7)
     with np.load(repa_run / "samples" / "samples.npz") as f:
         assert f["arr_0"].shape == (4, 32, 32, 3) and f["arr_0"].dtype == np.uint8
 
