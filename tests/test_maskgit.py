@@ -15,7 +15,8 @@ import data
 import models
 import train_maskgit
 import utils
-from test_train_dit import read_metrics, run_cli
+from test_sample import refusal as sample_refusal
+from test_train_dit import read_metrics, refusal as train_dit_refusal, run_cli
 
 
 
@@ -396,29 +397,32 @@ def test_sample_npz_on_two_processes_and_evaluate_gen(tiny_run, tmp_path):
     assert np.isfinite(json.loads((tmp_path / "gen.json").read_text())["fid"])
 
 
-def test_bad_input_fails_before_anything_is_written(tiny_run, tmp_path):
-    out = run_cli(["--preset", "tiny", "--tokens", str(tmp_path / "t"), "--vae", "scratch:tiny",
-                   "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
-    assert out.returncode == 2 and "continuous (KL)" in out.stderr and "--vae scratch:tiny" in out.stderr
-    out = run_cli(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--num-steps", "65",
-                   "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
-    assert out.returncode == 2 and "--num-steps 65" in out.stderr
-    out = run_cli(["--preset", "tiny", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
-                   "--sampler", "ddim", "--sample-dir", str(tmp_path / "s")], script="sample.py")
-    assert out.returncode == 2 and "--sampler is for DiT/SiT models" in out.stderr
-    out = run_cli(["--preset", "tiny", "--recipe", "repa", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
-                   "--sample-dir", str(tmp_path / "s")], script="sample.py")
-    assert out.returncode == 2 and "--recipe repa is a DiT/SiT sampler setting" in out.stderr
+def refusal(argv, capsys):
+    return train_dit_refusal(argv, capsys, module=train_maskgit)
+
+
+def test_bad_input_fails_before_anything_is_written(tiny_run, tmp_path, capsys):
+    code, err = refusal(["--preset", "tiny", "--tokens", str(tmp_path / "t"), "--vae", "scratch:tiny",
+                         "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "continuous (KL)" in err and "--vae scratch:tiny" in err
+    code, err = refusal(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--num-steps", "65",
+                         "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--num-steps 65" in err
+    code, err = sample_refusal(["--preset", "tiny", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
+                                "--sampler", "ddim", "--sample-dir", str(tmp_path / "s")], capsys)
+    assert code == 2 and "--sampler is for DiT/SiT models" in err
+    code, err = sample_refusal(["--preset", "tiny", "--recipe", "repa", "--ckpt", str(tiny_run / "run" / "checkpoints" / "latest.pt"),
+                                "--sample-dir", str(tmp_path / "s")], capsys)
+    assert code == 2 and "--recipe repa is a DiT/SiT sampler setting" in err
     # without label dropout the null class is never trained: guidance is refused, in training grids and in sample.py
-    out = run_cli(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--class-dropout-prob", "0",
-                   "--results-dir", str(tmp_path / "r")], script="train_maskgit.py")
-    assert out.returncode == 2 and "--class-dropout-prob 0 leaves it untrained" in out.stderr
+    code, err = refusal(["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--class-dropout-prob", "0",
+                         "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--class-dropout-prob 0 leaves it untrained" in err
     state = utils.load_checkpoint(str(tiny_run / "run" / "checkpoints" / "latest.pt"))
     state["maskgit"]["class_dropout_prob"] = 0.0
     torch.save(state, tmp_path / "no-dropout.pt")
-    out = run_cli(["--preset", "tiny", "--ckpt", str(tmp_path / "no-dropout.pt"), "--sample-dir", str(tmp_path / "s")],
-                  script="sample.py")
-    assert out.returncode == 2 and "no null class to guide with" in out.stderr
+    code, err = sample_refusal(["--preset", "tiny", "--ckpt", str(tmp_path / "no-dropout.pt"), "--sample-dir", str(tmp_path / "s")], capsys)
+    assert code == 2 and "no null class to guide with" in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "t" / "meta.json").exists() and not (tmp_path / "s").exists()
 
 

@@ -14,7 +14,7 @@ import diffusion
 import models
 import utils
 from test_models import official_dit_shapes
-from test_train_dit import read_metrics, run_cli
+from test_train_dit import read_metrics, refusal, run_cli
 
 # ----------------------------------------------------------------------------- DINOv2
 
@@ -227,7 +227,7 @@ def test_tiny_repa_run_logs_alignment_saves_its_recipe_and_samples(repa_run):
         assert f["arr_0"].shape == (4, 32, 32, 3) and f["arr_0"].dtype == np.uint8
 
 
-def test_repa_resume_on_two_processes_equals_the_uninterrupted_run(repa_run, tmp_path):
+def test_repa_resume_on_two_processes_equals_the_uninterrupted_run(repa_run, tmp_path, capsys):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ["--preset", "tiny-repa", "--latents", str(repa_run / "latents"), "--max-steps", "4", "--ckpt-every", "2",
               "--sample-every", "0", "--global-batch-size", "8"]
@@ -243,22 +243,22 @@ def test_repa_resume_on_two_processes_equals_the_uninterrupted_run(repa_run, tmp
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
     assert read_metrics(full)[-1]["train/loss_proj"] == read_metrics(resumed)[-1]["train/loss_proj"]
-    out = run_cli(["--resume", str(full), "--encoder-depth", "3", "--max-steps", "5"])
-    assert out.returncode == 2 and "--encoder-depth 3" in out.stderr
+    code, err = refusal(["--resume", str(full), "--encoder-depth", "3", "--max-steps", "5"], capsys)
+    assert code == 2 and "--encoder-depth 3" in err
 
 
-def test_repa_refuses_a_cache_without_images_and_starts_fresh_projectors(repa_run, tmp_path):
+def test_repa_refuses_a_cache_without_images_and_starts_fresh_projectors(repa_run, tmp_path, capsys):
     plain = tmp_path / "plain"
     out = run_cli(["--preset", "tiny", "--model", "SiT-T/2", "--no-learn-sigma", "--latents", str(plain / "latents"),
                    "--max-steps", "1", "--sample-every", "0", "--run-dir", str(plain / "run")])
     assert out.returncode == 0, out.stderr[-3000:]
-    out = run_cli(["--preset", "tiny-repa", "--latents", str(plain / "latents"), "--run-dir", str(tmp_path / "no")])
-    assert out.returncode == 2 and "--cache-images" in out.stderr and not (tmp_path / "no").exists()
-    out = run_cli(["--preset", "tiny-repa", "--encoder", "dinov2_vitq14", "--latents", str(tmp_path / "x"),
-                   "--run-dir", str(tmp_path / "no")])
-    assert out.returncode == 2 and "dinov2_vitq14" in out.stderr and not (tmp_path / "x").exists()
-    out = run_cli(["--preset", "tiny", "--repa", "--latents", str(tmp_path / "x"), "--run-dir", str(tmp_path / "no")])
-    assert out.returncode == 2 and "SiT" in out.stderr
+    code, err = refusal(["--preset", "tiny-repa", "--latents", str(plain / "latents"), "--run-dir", str(tmp_path / "no")], capsys)
+    assert code == 2 and "--cache-images" in err and not (tmp_path / "no").exists()
+    code, err = refusal(["--preset", "tiny-repa", "--encoder", "dinov2_vitq14", "--latents", str(tmp_path / "x"),
+                        "--run-dir", str(tmp_path / "no")], capsys)
+    assert code == 2 and "dinov2_vitq14" in err and not (tmp_path / "x").exists()
+    code, err = refusal(["--preset", "tiny", "--repa", "--latents", str(tmp_path / "x"), "--run-dir", str(tmp_path / "no")], capsys)
+    assert code == 2 and "SiT" in err
     # a plain SiT's weights start a REPA run; the projectors start fresh, and the log says so
     run = tmp_path / "from-plain"
     out = run_cli(["--preset", "tiny-repa", "--latents", str(repa_run / "latents"), "--max-steps", "1", "--lr", "0",
@@ -272,9 +272,9 @@ def test_repa_refuses_a_cache_without_images_and_starts_fresh_projectors(repa_ru
     out = run_cli(["--resume", str(run), "--max-steps", "2"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["generator"]["objective"]["time_input"] == "sit"
-    out = run_cli(["--preset", "tiny-repa", "--latents", str(repa_run / "latents"), "--learn-sigma", "--init-from",
-                   str(plain / "run" / "checkpoints" / "latest.pt"), "--run-dir", str(tmp_path / "no")])
-    assert out.returncode == 2 and "pass --no-learn-sigma" in out.stderr and not (tmp_path / "no").exists()
+    code, err = refusal(["--preset", "tiny-repa", "--latents", str(repa_run / "latents"), "--learn-sigma", "--init-from",
+                        str(plain / "run" / "checkpoints" / "latest.pt"), "--run-dir", str(tmp_path / "no")], capsys)
+    assert code == 2 and "pass --no-learn-sigma" in err and not (tmp_path / "no").exists()
     a = utils.load_checkpoint(str(plain / "run" / "checkpoints" / "latest.pt"))["ema"]
     b = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a) and any(k.startswith("projectors.") for k in b)

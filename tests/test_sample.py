@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -17,6 +18,16 @@ def run(script, args, nproc=1, timeout=300, env=None):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc_per_node={nproc}"]
     return subprocess.run([*launcher, script, *args], cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def refusal(argv, capsys):
+    """(exit code, stderr) of a sample.py command line that must stop before any work, run in this
+    process (no interpreter start per case); its main() turns gradients off, here only inside."""
+    import sample
+
+    with torch.enable_grad(), pytest.raises(SystemExit) as stop:
+        sample.main(sample.parse_args(argv))
+    return stop.value.code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +70,7 @@ def test_same_bytes_on_one_and_two_processes(ckpts, tmp_path, model, sampler, np
     assert "evaluate.py gen" in res.stdout
 
 
-def test_interrupted_sampling_keeps_finished_chunks(ckpts, tmp_path):
+def test_interrupted_sampling_keeps_finished_chunks(ckpts, tmp_path, capsys):
     common = ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-samples", "8", "--per-proc-batch-size", "4"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert run("sample.py", [*common, "--sample-dir", str(full)]).returncode == 0
@@ -78,12 +89,12 @@ def test_interrupted_sampling_keeps_finished_chunks(ckpts, tmp_path):
     assert np.array_equal(got["arr_0"][4:], reference["arr_0"][4:])
     assert np.array_equal(got["arr_1"], reference["arr_1"])
     # the same folder with other settings is refused, nothing overwritten
-    res = run("sample.py", [*common, "--num-steps", "3", "--sample-dir", str(resumed)])
-    assert res.returncode == 2 and "other settings" in res.stderr and "num_steps" in res.stderr
+    code, err = refusal([*common, "--num-steps", "3", "--sample-dir", str(resumed)], capsys)
+    assert code == 2 and "other settings" in err and "num_steps" in err
     assert np.array_equal(np.load(resumed / "samples.npz")["arr_0"], got["arr_0"])
 
 
-def test_many_chunks_assemble_under_a_low_open_file_limit(ckpts, tmp_path):
+def test_many_chunks_assemble_under_a_low_open_file_limit(ckpts, tmp_path, capsys):
     """The final .npz reads its chunks one at a time: 300 finished chunks assemble under a limit of
     256 open files (a cluster's usual 1,024 is 32 samples x 1,024 = a third of a 50k run). Chunks
     without the settings.json that says how they were made are refused."""
@@ -96,8 +107,8 @@ def test_many_chunks_assemble_under_a_low_open_file_limit(ckpts, tmp_path):
     for i in range(300):
         np.savez(folder / f"chunk-{i:07d}-{i + 1:07d}.npz", arr_0=np.full((1, 32, 32, 3), i % 256, np.uint8),
                  arr_1=np.array([i % 10]))
-    res = run("sample.py", [*common, "--num-samples", "300", "--sample-dir", str(folder)])
-    assert res.returncode == 2 and "no settings.json" in res.stderr
+    code, err = refusal([*common, "--num-samples", "300", "--sample-dir", str(folder)], capsys)
+    assert code == 2 and "no settings.json" in err
     settings = json.loads((first / "settings.json").read_text())
     (folder / "settings.json").write_text(json.dumps(dict(settings, num_samples=300)))
     limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # noqa: E731
@@ -123,27 +134,27 @@ def test_labels_class_balanced_and_a_labelled_grid(ckpts, tmp_path):
     assert not (tmp_path / "grid" / "samples.npz").exists()
 
 
-def test_bad_input_and_offline_released_weights(ckpts, tmp_path):
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--sampler", "euler", "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and "does not fit this diffusion model" in res.stderr
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", str(tmp_path / "missing.pt"), "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and "missing.pt" in res.stderr
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--class-labels", "10", "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and "--class-labels" in res.stderr
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-steps", "1001", "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and "take 2 to the model's 1000 training timesteps" in res.stderr
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-steps", "1", "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and "t = 0 on pure noise" in res.stderr
+def test_bad_input_and_offline_released_weights(ckpts, tmp_path, capsys):
+    code, err = refusal(["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--sampler", "euler", "--sample-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "does not fit this diffusion model" in err
+    code, err = refusal(["--preset", "tiny", "--ckpt", str(tmp_path / "missing.pt"), "--sample-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "missing.pt" in err
+    code, err = refusal(["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--class-labels", "10", "--sample-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "--class-labels" in err
+    code, err = refusal(["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-steps", "1001", "--sample-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "take 2 to the model's 1000 training timesteps" in err
+    code, err = refusal(["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--num-steps", "1", "--sample-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "t = 0 on pure noise" in err
     (tmp_path / "a-file").write_text("")
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--sample-dir", str(tmp_path / "a-file")])
-    assert res.returncode == 2 and "is not a writable folder" in res.stderr and "Traceback" not in res.stderr
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--vae", str(tmp_path / "gone.pt"),
-                            "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and f"--vae {tmp_path / 'gone.pt'} failed to load" in res.stderr
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--cfg-channels", "5", "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and "has 4 latent channels" in res.stderr  # a fifth would guide the variance
-    res = run("sample.py", ["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--vae", "scratch:tiny-vq", "--sample-dir", str(tmp_path / "a")])
-    assert res.returncode == 2 and "continuous (KL) autoencoder, which scratch:tiny-vq is not" in res.stderr
+    code, err = refusal(["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--sample-dir", str(tmp_path / "a-file")], capsys)
+    assert code == 2 and "is not a writable folder" in err and "Traceback" not in err
+    code, err = refusal(["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--vae", str(tmp_path / "gone.pt"),
+                         "--sample-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and f"--vae {tmp_path / 'gone.pt'} failed to load" in err
+    code, err = refusal(["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--cfg-channels", "5", "--sample-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "has 4 latent channels" in err  # a fifth would guide the variance
+    code, err = refusal(["--preset", "tiny", "--ckpt", ckpts["DiT-T/2"], "--vae", "scratch:tiny-vq", "--sample-dir", str(tmp_path / "a")], capsys)
+    assert code == 2 and "continuous (KL) autoencoder, which scratch:tiny-vq is not" in err
     env = dict(ENV, EQVAE_CACHE=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
     res = run("sample.py", ["--ckpt", "DiT-XL/2-256", "--sample-dir", str(tmp_path / "a")], env=env)
     assert res.returncode == 2

@@ -214,6 +214,14 @@ def run_cli(args, nproc=1, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def refusal(argv, capsys):
+    """(exit code, stderr) of a train_vae.py command line that must stop before any work, run in this
+    process: no interpreter start per case (one takes 4 to 5 s to import torch on a slow CPU)."""
+    with pytest.raises(SystemExit) as stop:
+        train_vae.main(train_vae.parse_args(argv))
+    return stop.value.code, capsys.readouterr().err
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -278,7 +286,7 @@ def test_tiny_smoke_two_processes_and_diffusers_export(tmp_path):
         torch.testing.assert_close(hf.encode(x).latent_dist.mean, ours.encode(x).mean, rtol=1e-4, atol=1e-4)
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
+def test_resume_reproduces_uninterrupted_run(tmp_path, capsys):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     # the lr decays over the last 3 steps: 1, 1, 2/3, 1/3 of 1e-4, a function of the step that resumes too
     common = ["--preset", "tiny", "--max-steps", "4", "--ckpt-every", "2", "--lr-decay-steps", "3", "--log-every", "1"]
@@ -304,11 +312,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     (tmp_path / "loose").mkdir()
     os.link(full / "checkpoints" / "0000002.pt", tmp_path / "loose" / "step2.pt")
     loose = ["--max-steps", "3", "--resume", str(tmp_path / "loose" / "step2.pt")]
-    out = run_cli([*common, *loose, "--disc-channels", "64"])
-    assert out.returncode == 2 and "--disc-channels 64 (checkpoint: 8)" in out.stderr
-    out = run_cli([*common, *loose, "--eq-prob", "0.9", "--interp", "bilinear"])
-    assert out.returncode == 2 and "--eq-prob 0.9 (checkpoint: 0.5), --interp bilinear (checkpoint: bicubic)" in out.stderr
-    assert "--allow-changed-flags" in out.stderr and not (tmp_path / "loose" / "checkpoints").exists()
+    code, err = refusal([*common, *loose, "--disc-channels", "64"], capsys)
+    assert code == 2 and "--disc-channels 64 (checkpoint: 8)" in err
+    code, err = refusal([*common, *loose, "--eq-prob", "0.9", "--interp", "bilinear"], capsys)
+    assert code == 2 and "--eq-prob 0.9 (checkpoint: 0.5), --interp bilinear (checkpoint: bicubic)" in err
+    assert "--allow-changed-flags" in err and not (tmp_path / "loose" / "checkpoints").exists()
     out = run_cli([*common, *loose, "--eq-prob", "0.9", "--allow-changed-flags"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "loose" / "checkpoints" / "0000003.pt").is_file()
@@ -469,19 +477,19 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, planted
 
 
 def test_bad_input_fails_before_training(tmp_path, capsys):
-    out = run_cli(["--preset", "tiny", "--data-path", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "--data-path" in out.stderr and "nowhere" in out.stderr
+    code, err = refusal(["--preset", "tiny", "--data-path", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--data-path" in err and "nowhere" in err
     assert not (tmp_path / "r").exists()  # nothing written
-    out = run_cli(["--preset", "tiny", "--vae", "scratch:tiny-vq", "--kl-weight", "1e-6", "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "--kl-weight" in out.stderr and "VQ" in out.stderr
-    out = run_cli(["--preset", "tiny", "--min-crop-frac", "0", "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "--min-crop-frac 0.0 is out of range" in out.stderr
-    out = run_cli(["--preset", "tiny", "--eq-mode", "explicit", "--eq-prob", "0.5", "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "--eq-prob applies to --eq-mode implicit only" in out.stderr
-    out = run_cli(["--preset", "tiny", "--restore-optimizer", "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "scratch:tiny carries no optimizer_states" in out.stderr
-    out = run_cli(["--preset", "tiny", "--vae", str(tmp_path / "missing.ckpt"), "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "missing.ckpt" in out.stderr
+    code, err = refusal(["--preset", "tiny", "--vae", "scratch:tiny-vq", "--kl-weight", "1e-6", "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--kl-weight" in err and "VQ" in err
+    code, err = refusal(["--preset", "tiny", "--min-crop-frac", "0", "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--min-crop-frac 0.0 is out of range" in err
+    code, err = refusal(["--preset", "tiny", "--eq-mode", "explicit", "--eq-prob", "0.5", "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--eq-prob applies to --eq-mode implicit only" in err
+    code, err = refusal(["--preset", "tiny", "--restore-optimizer", "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "scratch:tiny carries no optimizer_states" in err
+    code, err = refusal(["--preset", "tiny", "--vae", str(tmp_path / "missing.ckpt"), "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "missing.ckpt" in err
     with pytest.raises(SystemExit):
         train_vae.check_args(train_vae.parse_args(["--preset", "tiny", "--global-batch-size", "3"]), world_size=2)
     with pytest.raises(SystemExit):
@@ -495,18 +503,18 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
         train_vae.run_demo(train_vae.parse_args(["--preset", "demo", "--demo-base-lr", "-1", "--results-dir", str(tmp_path)]))
     assert "--demo-base-lr -1.0 is out of range" in capsys.readouterr().err
     assert (tmp_path / "demo" / "demo.json").read_text() == "kept"
-    out = run_cli(["--preset", "tiny", "--lr", "-1", "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "--lr -1.0 is out of range" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli(["--preset", "tiny", "--explicit-weight", "5", "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "--explicit-weight weighs the App. A.1 term" in out.stderr
-    out = run_cli(["--preset", "tiny", "--eq-transform", "scale", "--eq-angles", "90", "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "--eq-angles has no effect with --eq-transform scale" in out.stderr
+    code, err = refusal(["--preset", "tiny", "--lr", "-1", "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--lr -1.0 is out of range" in err and "Traceback" not in err
+    code, err = refusal(["--preset", "tiny", "--explicit-weight", "5", "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--explicit-weight weighs the App. A.1 term" in err
+    code, err = refusal(["--preset", "tiny", "--eq-transform", "scale", "--eq-angles", "90", "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--eq-angles has no effect with --eq-transform scale" in err
     models.save_autoencoder(models.build_autoencoder(models.AE_configs["tiny"]), str(tmp_path / "weights.pt"))
-    out = run_cli(["--resume", str(tmp_path / "weights.pt")])
-    assert out.returncode == 2 and "holds weights, not a training state" in out.stderr and "Traceback" not in out.stderr
+    code, err = refusal(["--resume", str(tmp_path / "weights.pt")], capsys)
+    assert code == 2 and "holds weights, not a training state" in err and "Traceback" not in err
     (tmp_path / "noise.ckpt").write_bytes(bytes(range(256)) * 8)
-    out = run_cli(["--preset", "tiny", "--vae", str(tmp_path / "noise.ckpt"), "--results-dir", str(tmp_path / "r")])
-    assert out.returncode == 2 and "is not a PyTorch checkpoint" in out.stderr and "--trust-checkpoint" not in out.stderr
+    code, err = refusal(["--preset", "tiny", "--vae", str(tmp_path / "noise.ckpt"), "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "is not a PyTorch checkpoint" in err and "--trust-checkpoint" not in err
     assert not (tmp_path / "r").exists()
 
 
@@ -543,8 +551,8 @@ def test_lpips_needs_16px_and_resume_keeps_vae_and_batch(tmp_path, capsys):
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run / "args.json").read_text())["vae"] == "scratch:tiny"
     assert (run / "log.txt").read_text().count("autoencoder scratch:tiny (kl") == 2  # the resumed run's too
-    out = run_cli(["--resume", str(run / "checkpoints" / "latest.pt"), "--max-steps", "3", "--global-batch-size", "8"])
-    assert out.returncode == 2 and "--global-batch-size 8 (checkpoint: 4)" in out.stderr
+    code, err = refusal(["--resume", str(run / "checkpoints" / "latest.pt"), "--max-steps", "3", "--global-batch-size", "8"], capsys)
+    assert code == 2 and "--global-batch-size 8 (checkpoint: 4)" in err
 
 
 def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):
