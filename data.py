@@ -541,8 +541,7 @@ def build_shards(folder, dataset, plan, resume_keys, encode, batch_size=32, num_
             utils.write_json(build_path, plan)
         np.save(os.path.join(folder, "labels.npy"), labels)
     utils.barrier()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank, world = utils.rank_and_world()
     mine = range(rank, num_shards, world)
     for k in mine:  # a build stopped inside np.save leaves its temp file behind
         for kind in plan["shard_kinds"]:
@@ -658,8 +657,7 @@ def build_latent_cache(folder, dataset, encode, fingerprint, latent_shape, info=
     # Each rank reads its share of the shards (ImageNet's cache is ~20 GB); the per-shard sums are
     # then added in shard order on every rank, so the numbers do not depend on the process count
     C = latent_shape[0]
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
+    rank, world = utils.rank_and_world()
     per_shard = np.zeros((num_shards, 4, C))  # sum of mean, of mean^2, of std^2, and the element count
     for k in range(rank, num_shards, world):
         shard = np.load(_shard_path(folder, k), mmap_mode="r")

@@ -68,8 +68,8 @@ from tqdm import tqdm
 
 import models
 from data import list_images, load_rgb, make_dataset
-from utils import (cleanup, download, fail, is_main, load_checkpoint, print0, save_labelled_grid, setup_distributed,
-                   unwritable_ancestor, write_json)
+from utils import (cleanup, download, fail, is_main, load_checkpoint, print0, rank_and_world, save_labelled_grid,
+                   setup_distributed, unwritable_ancestor, write_json)
 
 # ----------------------------------------------------------------------------- constants
 
@@ -718,12 +718,6 @@ def _stack(batch):
 # ----------------------------------------------------------------------------- distributed feature extraction
 
 
-def _dist():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class RunningStats:
     """Mean and covariance (np.cov semantics, divisor N - 1) accumulated batch by batch in float64,
     summed across ranks once at the end; no feature matrix is kept."""
@@ -740,7 +734,7 @@ class RunningStats:
         self.outer += x.t() @ x
 
     def all_reduce(self):
-        if _dist()[1] > 1:
+        if rank_and_world()[1] > 1:
             n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
             for t in (n, self.sum, self.outer):
                 dist.all_reduce(t)
@@ -778,7 +772,7 @@ def extract_features(model, images, batch_size=64, num_workers=4, keep=("pool",)
     Returns (features, statistics) on every rank: features[kind] float32 numpy (rows in dataset
     order); statistics[kind] = (mu, sigma) float64 numpy.
     """
-    rank, world = _dist()
+    rank, world = rank_and_world()
     device = next(model.parameters()).device
     n = len(images)
     per = -(-n // world)
@@ -998,7 +992,7 @@ def _save_npz_atomic(path, **arrays):
 
 def _broadcast(obj):
     """Rank 0's value on every rank (decisions that touch the file system are taken once)."""
-    if _dist()[1] == 1:
+    if rank_and_world()[1] == 1:
         return obj
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
@@ -1331,14 +1325,14 @@ def subset_indices(n, num_images=None, seed=0):
 
 def rank_shard(indices):
     """This rank's contiguous share of `indices` (as extract_features splits its images)."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     per = -(-len(indices) // world)
     return indices[rank * per : (rank + 1) * per]
 
 
 def _shard_counts(n):
     """How many of n items each rank's rank_shard holds (rank order)."""
-    world = _dist()[1]
+    world = rank_and_world()[1]
     per = -(-n // world)
     return [max(0, min(n, (r + 1) * per) - min(n, r * per)) for r in range(world)]
 
@@ -1546,7 +1540,7 @@ def cmd_gen(args, device):
         "comparable_with_papers": model.info["comparable"] and not any("NOT comparable" in n for n in notes),
         "precision_mode": args.precision,
         "sqrtm": args.sqrtm,
-        "world_size": _dist()[1],
+        "world_size": rank_and_world()[1],
         "notes": notes,
         "seconds": round(time.time() - t0, 1),
     }
@@ -1666,7 +1660,7 @@ def _progress(indices, desc):
 
 
 def _all_reduce_sum(t):
-    if _dist()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(t)
     return t
 
@@ -1674,7 +1668,7 @@ def _all_reduce_sum(t):
 def _ae_output(args, command, result, header, table_rows, notes, t0):
     """Rank 0: print the table and notes, write the JSON (default results/COMMAND.json)."""
     result.update(command=command, vae=args.vae, data_path=args.data_path, image_size=args.image_size, seed=args.seed,
-                  precision=args.precision, world_size=_dist()[1], notes=notes, seconds=round(time.time() - t0, 1))
+                  precision=args.precision, world_size=rank_and_world()[1], notes=notes, seconds=round(time.time() - t0, 1))
     out = args.out or os.path.join("results", f"{command}.json")
     print0(format_table(header, table_rows))
     for n in notes:
@@ -1747,7 +1741,7 @@ def evaluate_reconstruction(aes, inception, dataset, indices, args, device, lpip
     # The Frechet distances (seconds each at 2048-d) are shared out across ranks, then gathered.
     jobs = [((i, "recon"), "x") for i in range(len(aes))]
     jobs += [((i, name), ("tau x", t.k, image_side(ae, t))) for i, (ae, plan) in enumerate(zip(aes, plans)) for name, t in plan]
-    rank, world = _dist()
+    rank, world = rank_and_world()
     fids = {}
     for j, (key, ref) in enumerate(jobs):
         if j % world == rank:

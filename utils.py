@@ -60,6 +60,13 @@ def cleanup(sync=True):
         dist.destroy_process_group()
 
 
+def rank_and_world():
+    """(this process's rank, the number of processes); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_main():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -311,13 +318,14 @@ def make_run_dir(results_dir, name):
     if is_main():
         os.makedirs(results_dir, exist_ok=True)
         existing = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()]
-        number = max(existing, default=-1) + 1
+        number = max(existing, default=-1)
         while path is None:
+            number += 1
             try:
                 os.mkdir(os.path.join(results_dir, f"{number:03d}-{safe}"))
                 path = os.path.join(results_dir, f"{number:03d}-{safe}")
             except FileExistsError:  # another job took it between the listing and the mkdir
-                number += 1
+                pass
     return broadcast_object(path)
 
 

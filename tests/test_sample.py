@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+
+from test_train_dit import refusal as train_dit_refusal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -21,13 +22,9 @@ def run(script, args, nproc=1, timeout=300, env=None):
 
 
 def refusal(argv, capsys):
-    """(exit code, stderr) of a sample.py command line that must stop before any work, run in this
-    process (no interpreter start per case); its main() turns gradients off, here only inside."""
     import sample
 
-    with torch.enable_grad(), pytest.raises(SystemExit) as stop:
-        sample.main(sample.parse_args(argv))
-    return stop.value.code, capsys.readouterr().err
+    return train_dit_refusal(argv, capsys, module=sample)
 
 
 @pytest.fixture(scope="module")

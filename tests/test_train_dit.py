@@ -35,9 +35,10 @@ def read_metrics(run_dir):
 
 
 def refusal(argv, capsys, module=train_dit):
-    """(exit code, stderr) of a command line that must stop before any work, run in this process:
-    a refusal needs no interpreter of its own (one takes 4 to 5 s to import torch on a slow CPU)."""
-    with pytest.raises(SystemExit) as stop:
+    """(exit code, stderr) of a command line of `module` that must stop before any work, run in this
+    process: a refusal needs no interpreter of its own (one takes 4 to 5 s to import torch on a slow
+    CPU). sample.py's main() turns gradients off for the process: here only inside."""
+    with torch.enable_grad(), pytest.raises(SystemExit) as stop:
         module.main(module.parse_args(argv))
     return stop.value.code, capsys.readouterr().err
 

@@ -215,11 +215,9 @@ def run_cli(args, nproc=1, timeout=300):
 
 
 def refusal(argv, capsys):
-    """(exit code, stderr) of a train_vae.py command line that must stop before any work, run in this
-    process: no interpreter start per case (one takes 4 to 5 s to import torch on a slow CPU)."""
-    with pytest.raises(SystemExit) as stop:
-        train_vae.main(train_vae.parse_args(argv))
-    return stop.value.code, capsys.readouterr().err
+    from test_train_dit import refusal as train_dit_refusal
+
+    return train_dit_refusal(argv, capsys, module=train_vae)
 
 
 def read_metrics(run_dir):
