@@ -79,7 +79,7 @@ def bench_inception(args):
     device = torch.device(args.device)
     tiny = args.preset == "tiny"
     batch = 4 if tiny else (64 if device.type == "cuda" else 16)
-    repeats = 7 if tiny else 10
+    repeats = 1 if tiny else 10
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, size=(batch, 256, 256, 3), dtype=np.uint8))
     if device.type == "cuda":
         images = images.pin_memory()
@@ -142,7 +142,7 @@ def bench_train_vae(args):
 
     device = torch.device(args.device)
     if args.preset == "tiny":
-        config, size, batch, repeats, steps_per_call = M.AE_configs["tiny"], 64, 2, 2, 2
+        config, size, batch, repeats, steps_per_call = M.AE_configs["tiny"], 64, 2, 1, 1
     elif device.type == "cuda":
         config, size, batch, repeats, steps_per_call = M.AE_configs["kl-f8"], 256, 10, 5, 4
     else:
@@ -343,7 +343,7 @@ def bench_train_dit(args):
 
     device = torch.device(args.device)
     if args.preset == "tiny":
-        name, size, batch, repeats = "T/2", 8, 8, 3
+        name, size, batch, repeats = "T/2", 8, 8, 1
     elif device.type == "cuda":
         name, size, batch, repeats = "XL/2", 32, 32, 10
     else:
@@ -419,7 +419,7 @@ def bench_train_repa(args):
 
     device = torch.device(args.device)
     if args.preset == "tiny":
-        name, size, image_size, encoder_name, batch, repeats = "T/2", 8, 32, "dinov2_vits14", 8, 3
+        name, size, image_size, encoder_name, batch, repeats = "T/2", 8, 32, "dinov2_vits14", 8, 1
     elif device.type == "cuda":
         name, size, image_size, encoder_name, batch, repeats = "XL/2", 32, 256, "dinov2_vitb14", 32, 10
     else:
@@ -526,7 +526,7 @@ def bench_train_maskgit(args):
 
     device = torch.device(args.device)
     name, side, batch = _maskgit_size(args, device)
-    repeats = 3 if args.preset == "tiny" else (10 if device.type == "cuda" else 3)
+    repeats = 1 if args.preset == "tiny" else (10 if device.type == "cuda" else 3)
     torch.manual_seed(0)
     z = torch.randint(0, 1024, (batch, side, side), device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -574,7 +574,7 @@ def bench_sample_maskgit(args):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             M.maskgit_generate(model, y, generators, num_steps=8, cfg_scale=4.0)
 
-    seconds = _interleaved({p: (lambda p=p: run(p)) for p in (_full_precision(device), "bf16")}, device, repeats=3)
+    seconds = _interleaved({p: (lambda p=p: run(p)) for p in (_full_precision(device), "bf16")}, device, repeats=1 if args.preset == "tiny" else 3)
     result = {"model": name, "tokens": f"{side}x{side}", "batch": batch, "steps": 8, "cfg": 4.0}
     for p, s in seconds.items():
         result[f"{p}_img_s"] = batch / s
@@ -629,7 +629,7 @@ def parse_args(argv=None):
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None, help="benchmarks to run (default: all)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run (default: cuda when available)")
-    parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: small batches and few repeats (CPU smoke runs)")
+    parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: small models and batches, one timed round (CPU smoke runs, not measurements)")
     parser.add_argument("--out", default=None, help="JSON file for all results")
     parser.add_argument("--official-dit", default=None,
                         help="a local clone of facebookresearch/DiT (needs timm): train_dit also times its full-precision step")
