@@ -6,9 +6,7 @@ Run from the repo root: python -m pytest -q tests/test_evaluate_ae.py
 """
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,14 +20,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import evaluate as ev  # noqa: E402
 import models  # noqa: E402
 
 
 def run_cli(args, cwd, nproc=1):
-    env = {**os.environ, "EQVAE_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(launcher + [str(ROOT / "evaluate.py")] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    return cli.run("evaluate.py", args, nproc=nproc, cwd=cwd, env={"EQVAE_CACHE": str(cwd / "cache")}, timeout=400)
 
 
 def uint8_images(rng, n, h, w, lo=0, hi=256):

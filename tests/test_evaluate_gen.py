@@ -6,7 +6,6 @@ Run from the repo root: python -m pytest -q tests/test_evaluate_gen.py
 import json
 import os
 import pickle
-import subprocess
 import sys
 import tracemalloc
 import urllib.request
@@ -21,6 +20,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import evaluate as ev  # noqa: E402
 
 
@@ -29,11 +29,8 @@ def model():
     return ev.load_inception("random", "cpu")
 
 
-def run_cli(args, cwd, nproc=1, env_extra=None):
-    env = {**os.environ, "EQVAE_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
-    env.update(env_extra or {})
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(launcher + [str(ROOT / "evaluate.py")] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def run_cli(args, cwd, nproc=1):
+    return cli.run("evaluate.py", args, nproc=nproc, cwd=cwd, env={"EQVAE_CACHE": str(cwd / "cache")}, timeout=300)
 
 
 # ----------------------------------------------------------------------------- TF1 resize

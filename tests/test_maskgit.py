@@ -233,7 +233,9 @@ def test_the_loss_is_the_global_batch_mean_on_any_number_of_processes(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_two_rank_gradient, args=(port, model, z, y, mask, str(tmp_path / "g.pt")), nprocs=2)
+    # forked ranks inherit the imported torch (spawned ones import it again: 4 to 5 s each on a slow CPU)
+    torch.multiprocessing.start_processes(_two_rank_gradient, args=(port, model, z, y, mask, str(tmp_path / "g.pt")),
+                                          nprocs=2, start_method="fork")
     got, accuracy = torch.load(tmp_path / "g.pt")
     for e, g in zip(expected, got):
         if e is not None:

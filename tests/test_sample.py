@@ -9,16 +9,13 @@ import sys
 import numpy as np
 import pytest
 
+import cli
+from cli import ENV, ROOT
 from test_train_dit import refusal as train_dit_refusal
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
 
 
 def run(script, args, nproc=1, timeout=300, env=None):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, script, *args], cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+    return cli.run(script, args, nproc=nproc, timeout=timeout, env=env)
 
 
 def refusal(argv, capsys):

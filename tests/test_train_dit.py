@@ -18,15 +18,12 @@ import data
 import models
 import train_dit
 import utils
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+from cli import ENV, ROOT
+import cli
 
 
 def run_cli(args, nproc=1, timeout=300, script="train_dit.py"):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return cli.run(script, args, nproc=nproc, timeout=timeout)
 
 
 def read_metrics(run_dir):
