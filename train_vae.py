@@ -37,24 +37,31 @@ def forward_step(ae, x, tau, interp, antialias):
     """One autoencoder pass. tau=None: Eq. 1 (target x, reconstruction D(E(x))); otherwise Eq. 5
     (target tau x, reconstruction D(tau E(x))). The regulariser is always that of q(z|x): the KL
     of the untransformed posterior (summed over C, H, W, mean over the batch, as LDM), or the VQ
-    codebook + commitment loss of the transformed features for discrete models."""
-    latent_fn = None if tau is None else (lambda z: models.apply_eq_transform(z, tau, interp, antialias))
-    target = x if tau is None else models.apply_eq_transform(x, tau, interp, antialias)
+    codebook + commitment loss of the transformed features for discrete models. Also returns E(x),
+    the features this pass encoded (before tau), so the explicit term needs no second encoder pass."""
+    transform = (lambda h: h) if tau is None else (lambda h: models.apply_eq_transform(h, tau, interp, antialias))
+    target = transform(x)
     if utils.unwrap(ae).kind == "kl":
-        rec, posterior = ae(x, latent_fn=latent_fn)
-        reg = posterior.kl().mean()
-    else:
-        rec, reg, _ = ae(x, latent_fn=latent_fn)
-    return target, rec, reg
+        rec, posterior = ae(x, latent_fn=None if tau is None else transform)
+        return target, rec, posterior.kl().mean(), posterior.mean
+    encoded = []
+
+    def record_then_transform(h):
+        encoded.append(h)
+        return transform(h)
+
+    rec, reg, _ = ae(x, latent_fn=record_then_transform)
+    return target, rec, reg, encoded[0]
 
 
-def explicit_loss(ae, x, tau, stop_grad, interp, antialias):
+def explicit_loss(ae, x, features, tau, stop_grad, interp, antialias):
     """App. A.1, Eq. 4: ||tau E(x) - E(tau x)||^2 per image, averaged over the batch; optionally
-    sg[E(tau x)]. Normalised as the model's other terms, so that lambda weighs it alike: summed over
-    the latent's C, h, w for KL models (LDM sums the reconstruction and KL per image), a mean over
-    them for VQ models (taming averages the reconstruction, codebook and commitment terms)."""
+    sg[E(tau x)]. `features` is E(x) from the step's own forward. Normalised as the model's other
+    terms, so that lambda weighs it alike: summed over the latent's C, h, w for KL models (LDM sums
+    the reconstruction and KL per image), a mean over them for VQ models (taming averages the
+    reconstruction, codebook and commitment terms)."""
     core = utils.unwrap(ae)
-    tz = models.apply_eq_transform(core.encode_features(x), tau, interp, antialias)
+    tz = models.apply_eq_transform(features, tau, interp, antialias)
     tx = models.apply_eq_transform(x, tau, interp, antialias)
     if stop_grad:
         with torch.no_grad():
@@ -151,7 +158,7 @@ def eq_vae_objective(ae, disc, x, step, rng, args, logvar, lpips_net, loss_scale
         x = lowres_input(x, lat, rng, args)
     # Eq. 5 (Eq. 1 when tau is None): L_rec(tau x, D(tau E(x))) + lambda_gan L_gan + lambda_reg L_reg;
     # the generator sees the discriminator without DDP and without its gradients
-    target, rec, reg = forward_step(ae, x, tau, args.interp, args.antialias)
+    target, rec, reg, features = forward_step(ae, x, tau, args.interp, args.antialias)
     gan_on = args.disc_weight > 0 and step >= args.disc_start
     critic = utils.unwrap(disc).requires_grad_(False)
     loss, terms = generator_loss(core.kind, target, rec, reg, logvar, lpips_net, critic, args, gan_on,
@@ -162,7 +169,7 @@ def eq_vae_objective(ae, disc, x, step, rng, args, logvar, lpips_net, loss_scale
         explicit = torch.zeros((), device=x.device)  # every rank logs the same keys (one all-reduce)
         if step >= args.eq_start:
             tau_e = models.sample_eq_transform(*latent_size(ae, x), args.eq_transform, args.eq_angles, args.eq_scales, rng)
-            explicit = explicit_loss(ae, x, tau_e, args.eq_mode == "explicit-sg", args.interp, args.antialias)
+            explicit = explicit_loss(ae, x, features, tau_e, args.eq_mode == "explicit-sg", args.interp, args.antialias)
             loss = loss + args.explicit_weight * explicit
         terms["explicit"] = explicit.detach()
     # the discriminator judges the same reconstruction (one autoencoder forward serves both updates)

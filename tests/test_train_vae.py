@@ -40,14 +40,27 @@ def test_identity_tau_gives_the_standard_loss(config):
     losses = []
     for tau in (None, models.EqTransform(0, 16, 16, 16, 16)):
         torch.manual_seed(1)
-        target, rec, reg = train_vae.forward_step(ae, x, tau, "bicubic", False)
+        target, rec, reg, _ = train_vae.forward_step(ae, x, tau, "bicubic", False)
         loss, _ = train_vae.generator_loss(ae.kind, target, rec, reg, logvar, None, disc, loss_args(), True, ae.last_layer())
         losses.append(loss)
     assert torch.equal(losses[0], losses[1])
     torch.manual_seed(1)
-    target, rec, reg = train_vae.forward_step(ae, x, models.EqTransform(1, 16, 16, 8, 8), "bicubic", False)
+    target, rec, reg, _ = train_vae.forward_step(ae, x, models.EqTransform(1, 16, 16, 8, 8), "bicubic", False)
     other, _ = train_vae.generator_loss(ae.kind, target, rec, reg, logvar, None, disc, loss_args(), True, ae.last_layer())
     assert not torch.equal(losses[0], other)
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-vq"])
+def test_the_step_returns_the_features_it_encoded(config):
+    """The explicit term reuses E(x) from the step's own forward instead of encoding x again: the
+    posterior mean (KL) or the pre-quantization features (VQ) of the untransformed x, with the
+    encoder's graph attached, whatever tau the step applies."""
+    torch.manual_seed(0)
+    ae = models.build_autoencoder(models.AE_configs[config])
+    x = torch.randn(2, 3, 64, 64)
+    for tau in (None, models.EqTransform(1, 16, 16, 8, 8)):
+        features = train_vae.forward_step(ae, x, tau, "bicubic", False)[3]
+        assert torch.equal(features, ae.encode_features(x)) and features.requires_grad
 
 
 @pytest.mark.parametrize("config", ["tiny", "tiny-vq"])
@@ -63,7 +76,7 @@ def test_every_tau_gives_matching_target_and_reconstruction(config, size, mode):
     with torch.no_grad():
         for _ in range(4):
             tau = models.sample_eq_transform(lat, lat, mode, rng=rng)
-            target, rec, reg = train_vae.forward_step(ae, x, tau, "bicubic", False)
+            target, rec, reg, _ = train_vae.forward_step(ae, x, tau, "bicubic", False)
             assert target.shape == rec.shape
             expected = (tau.new_w * 4, tau.new_h * 4) if tau.k % 2 else (tau.new_h * 4, tau.new_w * 4)  # quarter turns swap
             assert target.shape[-2:] == expected
@@ -106,7 +119,7 @@ def test_explicit_loss_by_hand():
     x = torch.randn(3, 3, 64, 64)
     tau = models.EqTransform(1, 16, 16, 16, 16)
     with torch.no_grad():
-        got = train_vae.explicit_loss(ae, x, tau, False, "bicubic", False)
+        got = train_vae.explicit_loss(ae, x, ae.encode_features(x), tau, False, "bicubic", False)
         z, z_rot = ae.encode_features(x), ae.encode_features(torch.rot90(x, 1, dims=(-2, -1)))
         per_image = [((torch.rot90(z[i], 1, dims=(-2, -1)) - z_rot[i]) ** 2).sum() for i in range(3)]
     assert got.item() == pytest.approx(sum(per_image).item() / 3, rel=1e-5)
@@ -122,7 +135,7 @@ def test_explicit_loss_of_a_vq_model_is_an_element_mean():
     x = torch.randn(2, 3, 64, 64)
     tau = models.eq_transform(16, 16, scale=0.5)
     with torch.no_grad():
-        got = train_vae.explicit_loss(ae, x, tau, False, "bicubic", True)
+        got = train_vae.explicit_loss(ae, x, ae.encode_features(x), tau, False, "bicubic", True)
         tz = F.interpolate(ae.encode_features(x), size=(8, 8), mode="bicubic", antialias=True)
         ztx = ae.encode_features(F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True))
     assert got.item() == pytest.approx(F.mse_loss(tz, ztx).item(), rel=1e-5)
@@ -158,7 +171,7 @@ def test_explicit_loss_gradients(stop_grad):
     ae = models.build_autoencoder(models.AE_configs["tiny"])
     x = torch.randn(2, 3, 64, 64)
     tau = models.EqTransform(1, 16, 16, 8, 8)
-    train_vae.explicit_loss(ae, x, tau, stop_grad, "bicubic", False).backward()
+    train_vae.explicit_loss(ae, x, ae.encode_features(x), tau, stop_grad, "bicubic", False).backward()
     assert all(p.grad is None for p in ae.decoder.parameters())
     assert ae.encoder.conv_in.weight.grad.abs().sum() > 0
     got = ae.encoder.conv_in.weight.grad.clone()
