@@ -574,7 +574,8 @@ def bench_sample_maskgit(args):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             M.maskgit_generate(model, y, generators, num_steps=8, cfg_scale=4.0)
 
-    seconds = _interleaved({p: (lambda p=p: run(p)) for p in (_full_precision(device), "bf16")}, device, repeats=1 if args.preset == "tiny" else 3)
+    repeats = 1 if args.preset == "tiny" else 3
+    seconds = _interleaved({p: (lambda p=p: run(p)) for p in (_full_precision(device), "bf16")}, device, repeats)
     result = {"model": name, "tokens": f"{side}x{side}", "batch": batch, "steps": 8, "cfg": 4.0}
     for p, s in seconds.items():
         result[f"{p}_img_s"] = batch / s

@@ -26,8 +26,9 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
 
 
 def run(script, args, nproc=1, cwd=ROOT, env=None, timeout=300):
-    """`python script args` (nproc 1) or `torchrun --standalone --nproc_per_node=nproc script args` in
-    `cwd`, with `env` added to the environment and one thread per process."""
+    """`python script args` (nproc 1) or what `torchrun --standalone --nproc_per_node=nproc script args`
+    runs, in `cwd`, with `env` added to the environment and one thread per process; `timeout` bounds
+    the ranks (a run in this process has none)."""
     env = {**ENV, **(env or {})}
     script, args = os.path.join(ROOT, script), [str(a) for a in args]
     if nproc == 1:

@@ -326,7 +326,7 @@ RECON_ARGS = ["recon", *AE_ARGS, "--data-path", "builtin:shapes:5", "--num-image
 
 @pytest.fixture(scope="module")
 def recon_runs(ae_files):
-    """recon with Figure 3's latent transforms in one process; the plain table with torchrun."""
+    """recon with Figure 3's latent transforms in one process; the plain table on 2 processes."""
     single = run_cli(RECON_ARGS + ["--latent-transform", "--out", "single.json"], ae_files)
     assert single.returncode == 0, single.stderr
     multi = run_cli(RECON_ARGS + ["--out", "multi.json"], ae_files, nproc=2)
@@ -351,7 +351,7 @@ def test_cli_recon_writes_the_table(recon_runs, ae_files):
     assert any("fewer than 2048" in n for n in r["notes"])
 
 
-def test_cli_recon_torchrun_equals_single_process(recon_runs, ae_files):
+def test_cli_recon_on_two_processes_equals_one(recon_runs, ae_files):
     a, b = (json.loads((ae_files / f).read_text()) for f in ("single.json", "multi.json"))
     assert b["world_size"] == 2 and "rfid_latent_transform" not in b["rows"][0]
     for ra, rb in zip(a["rows"], b["rows"]):
@@ -372,7 +372,7 @@ def test_cli_recon_official_protocol(ae_files):
     assert bad.returncode == 2 and "--protocol eqvae" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_cli_equiv_single_torchrun_and_direct(ae_files):
+def test_cli_equiv_one_and_two_processes_and_direct(ae_files):
     args = ["equiv", *AE_ARGS, "--data-path", "builtin:shapes:6"]
     single = run_cli(args + ["--out", "eq1.json"], ae_files)
     multi = run_cli(args + ["--out", "eq2.json"], ae_files, nproc=2)
@@ -391,7 +391,7 @@ def test_cli_equiv_single_torchrun_and_direct(ae_files):
             assert ra[f"eq_error_{kind}"] == pytest.approx(float(direct[kind].mean()), rel=1e-5)
 
 
-def test_cli_id_single_and_torchrun(ae_files):
+def test_cli_id_one_and_two_processes(ae_files):
     args = ["id", *AE_ARGS, "--data-path", "builtin:shapes:30", "--mle-k", "10", "--knn-block", "7"]
     single = run_cli(args + ["--out", "id1.json"], ae_files)
     multi = run_cli(args + ["--out", "id2.json"], ae_files, nproc=2)

@@ -584,7 +584,7 @@ N_CLI = 8  # images in the CLI tests' reference and sample batches
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """ref from builtin:shapes; a sample batch half shapes (another seed), half noise; gen once
-    single-process and once with torchrun --nproc_per_node=2."""
+    in one process and once on 2."""
     tmp = tmp_path_factory.mktemp("evaluate_cli")
     ref = run_cli(["ref", "--data-path", f"builtin:shapes:{N_CLI}", "--image-size", "32", "--out", "ref.npz",
                    "--inception-weights", "random", "--preset", "tiny"], tmp)
@@ -619,7 +619,7 @@ def test_cli_ref_writes_an_adm_reference_batch(cli_run, model):
         np.testing.assert_allclose(f["mu_s"], feats["spatial"].numpy().mean(0), rtol=1e-5, atol=1e-5)
 
 
-def test_cli_gen_single_and_torchrun_agree(cli_run):
+def test_cli_gen_one_and_two_processes_agree(cli_run):
     tmp, _, single, multi = cli_run
     a, b = json.loads((tmp / "single.json").read_text()), json.loads((tmp / "multi.json").read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2

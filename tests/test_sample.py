@@ -53,7 +53,7 @@ def test_same_bytes_on_one_and_two_processes(ckpts, tmp_path, model, sampler, np
         # rank 0's refusal stops both ranks with its one line, not rank 1's broken-barrier traceback
         refused = run("sample.py", [*common[:-1], "3.0", "--per-proc-batch-size", "2", "--sample-dir", str(two)], nproc=2)
         assert refused.returncode != 0 and refused.stderr.count("holds samples made with other settings") == 1
-        assert 'sample.py", line' not in refused.stderr, refused.stderr[-3000:]  # torchrun's own summary aside
+        assert 'sample.py", line' not in refused.stderr, refused.stderr[-3000:]
     else:  # batches of 2 and of 4 compute the same samples (to float round-off, then uint8)
         a, b = np.load(one / "samples.npz"), np.load(two / "samples.npz")
         assert np.array_equal(a["arr_1"], b["arr_1"]) and np.abs(a["arr_0"].astype(int) - b["arr_0"]).max() <= 1
