@@ -332,6 +332,8 @@ def bench_train_dit(args):
     gradient norm and NaN check, AdamW, EMA) and one SiT step (linear velocity loss), full precision
     and bf16 autocast, interleaved with the official DiT code's full-precision step when --official-dit
     points at a clone of it (its own model and diffusion code, initialised by itself, same data).
+    With --compile (the default on a GPU) a third DiT contender takes the bf16 step through
+    torch.compile as `train_dit.py --compile` does; its first call, the compilation, is recorded apart.
     FLOPs are counted on the real step; MFU is against the measured peak of a large matmul and, on a
     GPU in DATASHEET_BF16_TFLOPS, its datasheet bf16 peak. CPU: DiT-S/2 at 4x32x32, batch 8; GPU:
     DiT-XL/2 at 4x32x32 (256 px), batch 32; --preset tiny: DiT-T/2 at 4x8x8, batch 8."""
@@ -354,24 +356,34 @@ def bench_train_dit(args):
     y = torch.randint(0, 1000, (batch,), device=device)
     steps, flops = {}, {}
     no_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 train without one
-    for family in ("DiT", "SiT"):
-        precisions = (full, "bf16") if family == "DiT" else ("bf16",)
-        for precision in precisions:
-            model = M.build_generator(f"{family}-{name}", input_size=size).to(device).train()
-            ema = copy.deepcopy(model).requires_grad_(False)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
-            objective = D.make_objective(dict(kind="diffusion") if family == "DiT" else
-                                         dict(kind="transport", path="linear", prediction="velocity", time_input="sit"), model)
+    contenders = [("DiT", full, False), ("DiT", "bf16", False), ("SiT", "bf16", False)]
+    if args.compile:
+        contenders.append(("DiT", "bf16", True))
+    compile_seconds = None
+    for family, precision, compiled in contenders:
+        model = M.build_generator(f"{family}-{name}", input_size=size).to(device).train()
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
+        objective = D.make_objective(dict(kind="diffusion") if family == "DiT" else
+                                     dict(kind="transport", path="linear", prediction="velocity", time_input="sit"), model)
+        train_model = torch.compile(model) if compiled else model  # what train_dit.py --compile trains
 
-            def step(model=model, ema=ema, opt=opt, objective=objective, precision=precision):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = objective.training_losses(model, x, y)["loss"].mean()
-                U.optimizer_step(loss, model.parameters(), opt, no_scaler, 0.0, False, device)  # train_dit.py's step
-                U.update_ema(ema, model, 0.9999)
+        def step(model=model, train_model=train_model, ema=ema, opt=opt, objective=objective, precision=precision):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = objective.training_losses(train_model, x, y)["loss"].mean()
+            U.optimizer_step(loss, model.parameters(), opt, no_scaler, 0.0, False, device)  # train_dit.py's step
+            U.update_ema(ema, model, 0.9999)
 
-            key = f"{family.lower()}_{precision}"
-            steps[key] = step
-            flops[key] = _count_flops(lambda model=model, objective=objective: objective.training_losses(model, x, y)["loss"].mean().backward())
+        key = f"{family.lower()}_{precision}" + ("_compiled" if compiled else "")
+        steps[key] = step
+        # counted on the eager model: compilation fuses kernels but does not change the step's FLOPs
+        flops[key] = _count_flops(lambda model=model, objective=objective: objective.training_losses(model, x, y)["loss"].mean().backward())
+        if compiled:  # the compilation happens in the first call: timed here, kept out of the step's time
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            compile_seconds = time.perf_counter() - t0
     if args.official_dit:
         official_models, official_diffusion = _load_official_dit(args.official_dit)
         theirs = official_models.DiT_models[f"DiT-{name}"](input_size=size).to(device).train()
@@ -393,13 +405,15 @@ def bench_train_dit(args):
     seconds = _interleaved(steps, device, repeats)
     result = {"model": f"DiT-{name}", "latent": f"4x{size}x{size}", "batch": batch,
               "train_tflop_per_step": flops[f"dit_{full}"] / 1e12}
+    if compile_seconds is not None:
+        result["dit_bf16_compiled_first_call_s"] = compile_seconds
     peaks = _measured_peaks(device, result)
     for key, s in seconds.items():
         result[f"{key}_img_s"] = batch / s
         if key in flops:
             _add_mfu(result, key, flops[key], s, peaks, device)
     if f"official_dit_{full}" in seconds:
-        for key in (f"dit_{full}", "dit_bf16"):
+        for key in [k for k in (f"dit_{full}", "dit_bf16", "dit_bf16_compiled") if k in seconds]:
             result[f"{key}_speedup_vs_official"] = seconds[f"official_dit_{full}"] / seconds[key]
     return result
 
@@ -632,9 +646,14 @@ def parse_args(argv=None):
                         help="where to run (default: cuda when available)")
     parser.add_argument("--preset", choices=["tiny"], default=None, help="tiny: small models and batches, one timed round (CPU smoke runs, not measurements)")
     parser.add_argument("--out", default=None, help="JSON file for all results")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="train_dit also times the torch.compile'd bf16 step (default: on a GPU only; "
+                             "the compilation takes about a minute)")
     parser.add_argument("--official-dit", default=None,
                         help="a local clone of facebookresearch/DiT (needs timm): train_dit also times its full-precision step")
     args = parser.parse_args(argv)
+    if args.compile is None:
+        args.compile = args.device == "cuda"
     # bad input fails here, before minutes of benchmarks
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no CUDA device here; use --device cpu")

@@ -361,7 +361,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=300, help="passes over the cache (300)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the network (its dropout then draws from inductor's RNG, so a compiled run's "
+                        "numbers are not the eager run's)")
     p.add_argument("--global-seed", type=int, default=0, help="seed of initialisation, data order, masks and sample grids")
     # run folder, logging, checkpoints, sample grids
     p.add_argument("--results-dir", default="results", help="parent folder of the run folders")

@@ -49,7 +49,7 @@ def test_emulated_bf16_gets_no_peak_and_no_mfu(monkeypatch):
 
 
 def test_dit_benchmarks_tiny():
-    args = argparse.Namespace(device="cpu", preset="tiny", official_dit=None)
+    args = argparse.Namespace(device="cpu", preset="tiny", official_dit=None, compile=False)
     train = bench.bench_train_dit(args)
     # counted FLOPs of a DiT-T/2 step: forward + backward is about 3x the forward's 2 FLOPs per
     # weight per token of the attention and MLP linears (batch 8, 16 tokens) plus the attention
@@ -62,6 +62,25 @@ def test_dit_benchmarks_tiny():
     check_rates(train, ("dit_fp32", "dit_bf16", "sit_bf16"))
     sample = bench.bench_sample_dit(args)
     assert sample["fp32_img_s"] > 0 and sample["bf16_img_s"] > 0
+
+
+def test_compiled_dit_contender_is_wired_like_train_dit(monkeypatch):
+    """--compile adds the torch.compile'd bf16 DiT step: the trainer's network compiled once, its
+    first call (the compilation) timed apart, FLOPs as the eager step's. torch.compile is replaced by
+    a recorder here; that the compiled step trains as the eager one is tested in test_train_dit.py."""
+    compiled = []
+
+    def record(model, **kwargs):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", record)
+    result = bench.bench_train_dit(argparse.Namespace(device="cpu", preset="tiny", official_dit=None, compile=True))
+    assert len(compiled) == 1 and compiled[0].family == "dit" and compiled[0].training
+    assert result["dit_bf16_compiled_first_call_s"] > 0
+    check_rates(result, ("dit_fp32", "dit_bf16", "sit_bf16", "dit_bf16_compiled"))
+    # without --compile (the CPU default) there is no such contender
+    assert not bench.parse_args(["--device", "cpu"]).compile and bench.parse_args(["--device", "cpu", "--compile"]).compile
 
 
 def test_repa_benchmark_counts_the_encoder_forward():
