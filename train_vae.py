@@ -63,10 +63,7 @@ def explicit_loss(ae, x, features, tau, stop_grad, interp, antialias):
     core = utils.unwrap(ae)
     tz = models.apply_eq_transform(features, tau, interp, antialias)
     tx = models.apply_eq_transform(x, tau, interp, antialias)
-    if stop_grad:
-        with torch.no_grad():
-            ztx = core.encode_features(tx)
-    else:
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not stop_grad):
         ztx = core.encode_features(tx)
     per_element = (tz.float() - ztx.float()).square().flatten(1)
     return (per_element.sum(1) if core.kind == "kl" else per_element.mean(1)).mean()

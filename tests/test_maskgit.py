@@ -16,7 +16,7 @@ import models
 import train_maskgit
 import utils
 from test_sample import refusal as sample_refusal
-from test_train_dit import read_metrics, refusal as train_dit_refusal, run_cli
+from test_train_dit import compiled_and_eager_runs, read_metrics, refusal as train_dit_refusal, run_cli
 
 
 
@@ -348,31 +348,13 @@ def test_tiny_smoke_single_process_outputs(tiny_run):
 
 def test_compile_trains_as_eager(tiny_run, tmp_path, monkeypatch):
     """--compile trains the same transformer: the compiled first step's loss, accuracy and gradient
-    norm equal the eager step's, and the checkpoint keeps the plain parameter names. The graph goes
-    through Dynamo and AOT autograd, as with inductor, but runs on aot_eager: inductor's C++ code
-    generation costs a minute on a 2-core CPU, and test_train_dit.py already runs it on the DiT."""
-    real_compile, compiled = torch.compile, []
-
-    def aot_eager(model, **kwargs):
-        compiled.append(type(model).__name__)
-        return real_compile(model, backend="aot_eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", aot_eager)
+    norm equal the eager step's (on aot_eager, as test_train_dit.py's), and the checkpoint keeps the
+    plain parameter names."""
     common = ["--preset", "tiny", "--tokens", str(tiny_run / "tokens"), "--max-steps", "2", "--log-every", "1",
               "--sample-every", "0"]
-    for name, flags in (("eager", []), ("compiled", ["--compile"])):
-        out = run_cli([*common, *flags, "--run-dir", str(tmp_path / name)], script="train_maskgit.py")
-        assert out.returncode == 0, out.stderr[-3000:]
-    assert compiled == ["MaskGIT"]  # the --compile run only
-    eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
-    assert [r["step"] for r in compiled] == [1, 2]
-    for a, b in zip(eager, compiled):  # after the first step, float noise amplified by Adam
-        tolerance = 1e-5 if a["step"] == 1 else 1e-3
-        for key in ("train/loss", "train/acc", "train/grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=tolerance), (a["step"], key)
-    ckpt = utils.load_checkpoint(str(tmp_path / "compiled" / "checkpoints" / "latest.pt"))
-    reference = utils.load_checkpoint(str(tmp_path / "eager" / "checkpoints" / "latest.pt"))
-    assert list(ckpt["model"]) == list(reference["model"])
+    network, (reference, ckpt) = compiled_and_eager_runs("train_maskgit.py", common, tmp_path, monkeypatch,
+                                                         ("train/loss", "train/acc", "train/grad_norm"))
+    assert network == "MaskGIT" and list(ckpt["model"]) == list(reference["model"])
 
 
 def test_two_process_resume_equals_uninterrupted_run(tiny_run, tmp_path):

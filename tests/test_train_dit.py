@@ -262,32 +262,41 @@ def test_tiny_smoke_single_process(cache, tmp_path, model):
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
 
 
-def test_compile_trains_as_eager(cache, tmp_path, monkeypatch):
-    """--compile trains the same network: the compiled step's loss and gradient norm equal the eager
-    step's, and the checkpoint keeps the plain parameter names (no torch.compile prefix). The graph
-    goes through Dynamo and AOT autograd as with inductor, but runs on aot_eager: inductor's C++ code
-    generation costs a minute on a 2-core CPU (run by hand, with inductor's random ops falling back to
-    eager's RNG, it passed too)."""
-    real_compile, compiled = torch.compile, []
+def compiled_and_eager_runs(script, common, tmp_path, monkeypatch, keys):
+    """Runs `script` with `common` flags once eagerly and once with --compile, and checks that the
+    compiled first step's logged `keys` equal the eager step's (the second step's within float noise
+    that Adam amplifies) and that the compiled network was the only one compiled. Returns the two
+    final checkpoints (eager, compiled). The graph goes through Dynamo and AOT autograd as with
+    inductor, but runs on aot_eager: inductor's C++ code generation costs a minute a test on a
+    2-core CPU (run by hand on the DiT, with inductor's random ops on eager's RNG, it passed too)."""
+    real_compile, compiled_types = torch.compile, []
 
     def aot_eager(model, **kwargs):
-        compiled.append(type(model).__name__)
+        compiled_types.append(type(model).__name__)
         return real_compile(model, backend="aot_eager", **kwargs)
 
     monkeypatch.setattr(torch, "compile", aot_eager)
-    common = ["--preset", "tiny", "--latents", str(cache), "--max-steps", "2", "--log-every", "1", "--sample-every", "0"]
     for name, flags in (("eager", []), ("compiled", ["--compile"])):
-        out = run_cli([*common, *flags, "--run-dir", str(tmp_path / name)])
+        out = run_cli([*common, *flags, "--run-dir", str(tmp_path / name)], script=script)
         assert out.returncode == 0, out.stderr[-3000:]
-    assert compiled == ["DiT"]  # the --compile run only
+    assert len(compiled_types) == 1  # the --compile run only
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
-    for a, b in zip(eager, compiled):  # the step after the first moves the weights: float noise, amplified by Adam
+    assert [r["step"] for r in eager] == [r["step"] for r in compiled] == [1, 2]
+    for a, b in zip(eager, compiled):
         tolerance = 1e-5 if a["step"] == 1 else 1e-3
-        for key in ("train/loss", "train/grad_norm"):
+        for key in keys:
             assert b[key] == pytest.approx(a[key], rel=tolerance), (a["step"], key)
-    assert [r["step"] for r in compiled] == [1, 2]
-    ckpt = utils.load_checkpoint(str(tmp_path / "compiled" / "checkpoints" / "latest.pt"))
-    reference = utils.load_checkpoint(str(tmp_path / "eager" / "checkpoints" / "latest.pt"))
+    return compiled_types[0], [utils.load_checkpoint(str(tmp_path / name / "checkpoints" / "latest.pt"))
+                               for name in ("eager", "compiled")]
+
+
+def test_compile_trains_as_eager(cache, tmp_path, monkeypatch):
+    """--compile trains the same network: the compiled step's loss and gradient norm equal the eager
+    step's, and the checkpoint keeps the plain parameter names (no torch.compile prefix)."""
+    common = ["--preset", "tiny", "--latents", str(cache), "--max-steps", "2", "--log-every", "1", "--sample-every", "0"]
+    network, (reference, ckpt) = compiled_and_eager_runs("train_dit.py", common, tmp_path, monkeypatch,
+                                                         ("train/loss", "train/grad_norm"))
+    assert network == "DiT"
     assert list(ckpt["model"]) == list(reference["model"]) and list(ckpt["ema"]) == list(reference["ema"])
 
 
