@@ -500,9 +500,13 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
     assert "--lr-decay-steps -1 is out of range" in capsys.readouterr().err
     (tmp_path / "demo").mkdir()  # the demo refuses a bad flag before it replaces its previous folder
     (tmp_path / "demo" / "demo.json").write_text("kept")
-    with pytest.raises(SystemExit):
-        train_vae.run_demo(train_vae.parse_args(["--preset", "demo", "--demo-base-lr", "-1", "--results-dir", str(tmp_path)]))
-    assert "--demo-base-lr -1.0 is out of range" in capsys.readouterr().err
+    for argv, message in ((["--demo-base", "train", "--demo-base-lr", "-1"], "--demo-base-lr -1.0 is out of range"),
+                          (["--demo-base", str(tmp_path / "none.pt")], "none.pt is not a file: give an autoencoder file, or 'train'"),
+                          (["--demo-base-steps", "5", "--vae", "scratch:tiny"],
+                           "--vae, --demo-base-steps: for the base that --demo-base train trains")):
+        with pytest.raises(SystemExit):
+            train_vae.run_demo(train_vae.parse_args(["--preset", "demo", *argv, "--results-dir", str(tmp_path)]))
+        assert message in capsys.readouterr().err
     assert (tmp_path / "demo" / "demo.json").read_text() == "kept"
     code, err = refusal(["--preset", "tiny", "--lr", "-1", "--results-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "--lr -1.0 is out of range" in err and "Traceback" not in err
@@ -576,28 +580,64 @@ def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):
     assert "carries no discriminator: training a fresh one" in (tmp_path / "fresh" / "log.txt").read_text()
 
 
-def test_demo_branches_continue_one_base_with_different_objectives(tmp_path):
-    """--preset demo on 3 base steps and 2 per branch: the control and EQ-VAE branches both resume
-    the base's step-3 checkpoint with prior preservation on, only the EQ branch takes equivariance steps, and the
-    table, JSON and labelled figures are written. The base trains at --demo-base-lr, the branches at
-    --lr, each stage's lr decaying over its last --lr-decay-steps."""
-    out = run_cli(["--preset", "demo", "--demo-base-steps", "3", "--max-steps", "2", "--eq-prob", "1", "--num-demo-eval", "4", "--log-every", "1",
-                   "--lr-decay-steps", "2", "--results-dir", str(tmp_path)])
+def demo_table_row(path, num_images):
+    """What the demo's table says of one autoencoder file, computed directly."""
+    args = train_vae.parse_args(["--preset", "demo", "--num-eval-images", str(num_images)])
+    return train_vae.evaluate_batch(models.load_autoencoder(path).eval(), train_vae.held_out_batch(args, None), args)
+
+
+def test_demo_branches_fine_tune_one_trained_base_with_different_objectives(tmp_path):
+    """--preset demo --demo-base train on 3 base steps and 2 per branch: the control and EQ-VAE
+    branches both fine-tune the base's weights (a fresh optimizer, prior preservation on), only the
+    EQ branch takes equivariance steps, and the table, JSON and labelled figures are written. The
+    base trains at --demo-base-lr, the branches at --lr, each stage's lr decaying over its last
+    --lr-decay-steps."""
+    out = run_cli(["--preset", "demo", "--demo-base", "train", "--demo-base-steps", "3", "--max-steps", "2", "--eq-prob", "1",
+                   "--num-demo-eval", "4", "--log-every", "1", "--lr-decay-steps", "2", "--results-dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr[-3000:]
     demo = tmp_path / "demo"
     records = {name: [r for r in read_metrics(demo / name) if "train/loss" in r] for name in ("base", "control", "eq-vae")}
     steps = {name: [(r["step"], r["train/eq_steps"]) for r in rs] for name, rs in records.items()}
-    assert steps == {"base": [(1, 0.0), (2, 0.0), (3, 0.0)], "control": [(4, 0.0), (5, 0.0)],
-                     "eq-vae": [(4, 1.0), (5, 1.0)]}
+    assert steps == {"base": [(1, 0.0), (2, 0.0), (3, 0.0)], "control": [(1, 0.0), (2, 0.0)], "eq-vae": [(1, 1.0), (2, 1.0)]}
     lrs = {name: [r["train/lr"] for r in rs] for name, rs in records.items()}
     assert lrs["base"] == pytest.approx([1e-3, 1e-3, 5e-4])
-    assert lrs["control"] == lrs["eq-vae"] == pytest.approx([5e-4, 2.5e-4])
+    assert lrs["control"] == lrs["eq-vae"] == pytest.approx([3e-4, 1.5e-4])
     # the base stands for the pretrained model: the prior preservation belongs to the fine-tuning branches
-    lowres = {name: utils.load_checkpoint(str(demo / name / "checkpoints" / "latest.pt"))["args"]["lowres_prob"]
-              for name in ("base", "control", "eq-vae")}
-    assert lowres == {"base": 0.0, "control": 0.25, "eq-vae": 0.25}
+    base_file = str(demo / "base" / "autoencoder.pt")
+    ckpts = {name: utils.load_checkpoint(str(demo / name / "checkpoints" / "latest.pt")) for name in ("base", "control", "eq-vae")}
+    assert {name: c["args"]["lowres_prob"] for name, c in ckpts.items()} == {"base": 0.0, "control": 0.25, "eq-vae": 0.25}
+    assert ckpts["control"]["args"]["vae"] == ckpts["eq-vae"]["args"]["vae"] == base_file
+    # --disc-weight 0: the base's file keeps no untrained discriminator, only the weights and the logvar
+    assert set(torch.load(base_file, weights_only=True)["extras"]) == {"loss.logvar"}
     table = json.loads((demo / "demo.json").read_text())
     assert list(table) == ["base", "control", "eq-vae"] and table["control"] != table["eq-vae"]
+    assert table["base"] == pytest.approx(demo_table_row(base_file, 4))
     assert "EQ-VAE demo (4 held-out builtin:shapes-plain images, 32px)" in out.stdout
     assert (demo / "figure2.png").is_file() and (demo / "figure2-rot.png").is_file()
     assert models.load_autoencoder(str(demo / "eq-vae" / "autoencoder.pt")).downsample_factor == 4
+
+
+def test_demo_fine_tunes_the_shipped_base_by_default(tmp_path):
+    """Without --demo-base the branches fine-tune assets/demo-vae-base.pt (the README's base: a
+    scratch:small autoencoder, 0.95M parameters) and the table's base row scores that file."""
+    out = run_cli(["--preset", "demo", "--max-steps", "1", "--num-demo-eval", "4", "--results-dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    shipped = os.path.join(ROOT, "assets", "demo-vae-base.pt")
+    ae = models.load_autoencoder(shipped)
+    assert sum(p.numel() for p in ae.parameters()) == sum(p.numel() for p in models.load_autoencoder("scratch:small").parameters())
+    assert not (tmp_path / "demo" / "base").exists()
+    ckpt = utils.load_checkpoint(str(tmp_path / "demo" / "eq-vae" / "checkpoints" / "latest.pt"))
+    assert os.path.samefile(ckpt["args"]["vae"], shipped) and ckpt["step"] == 1
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["base"] == pytest.approx(demo_table_row(shipped, 4))
+
+
+def test_demo_stages_pass_their_own_checks_with_an_explicit_eq_branch(tmp_path):
+    """--eq-mode explicit --explicit-weight: the EQ branch keeps both, the implicit base and control
+    run without the weight (check_args refuses --explicit-weight with the implicit objective)."""
+    args = train_vae.parse_args(["--preset", "demo", "--demo-base", "train", "--eq-mode", "explicit", "--explicit-weight", "0.2"])
+    base, branches = train_vae.demo_stages(args, str(tmp_path))
+    assert branches["eq-vae"]["eq_mode"] == "explicit" and "explicit_weight" in branches["eq-vae"]["cli_flags"]
+    assert {base["eq_mode"], branches["control"]["eq_mode"]} == {"implicit"}
+    for stage in (base, *branches.values()):
+        train_vae.check_args(argparse.Namespace(**stage), world_size=1)  # exits on a refused combination
+    assert branches["control"]["vae"] == branches["eq-vae"]["vae"] == os.path.join(str(tmp_path), "base", "autoencoder.pt")
