@@ -277,6 +277,9 @@ def check_args(args, world_size):
         utils.fail("--explicit-weight weighs the App. A.1 term of --eq-mode explicit|explicit-sg: add one, or remove it")
     if args.eq_transform in ("scale", "anisotropic") and "eq_angles" in args.cli_flags:
         utils.fail(f"--eq-angles has no effect with --eq-transform {args.eq_transform} (no rotation): remove one of them")
+    demo_flags = [f"--{f.replace('_', '-')}" for f in DEMO_FLAGS if f in args.cli_flags]
+    if demo_flags and args.preset != "demo":
+        utils.fail(f"{', '.join(demo_flags)}: for --preset demo only; add it, or remove them")
     if "restore_optimizer" in args.cli_flags and args.resume:
         utils.fail("--restore-optimizer restores the starting --vae checkpoint's Adam; --resume restores its own: remove it")
     for flag in ("lr", "base_lr", "demo_base_lr", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor",
@@ -648,8 +651,10 @@ def run_branch(branch, threads):
 def demo_stages(args, results_dir):
     """The demo's runs as main() arguments: the base's (None for a given --demo-base file) and the
     two branches', which fine-tune the base's weights."""
-    # an explicit-objective EQ branch may carry --explicit-weight; the implicit stages must not
-    implicit_flags = sorted(set(args.cli_flags) - {"explicit_weight"})
+    # the stages are runs of their own (no --demo-* flags); an explicit-objective EQ branch may
+    # carry --explicit-weight, the implicit stages must not
+    own_flags = set(args.cli_flags) - set(DEMO_FLAGS)
+    implicit_flags = sorted(own_flags - {"explicit_weight"})
     stage = dict(vars(args), preset=None, results_dir=results_dir, eq_mode="implicit", eq_prob=0.0, cli_flags=implicit_flags)
     base, base_path = None, args.demo_base
     if args.demo_base == "train":
@@ -658,7 +663,7 @@ def demo_stages(args, results_dir):
         base_path = os.path.join(base["run_dir"], "autoencoder.pt")
     branches = {}
     for name, eq_mode, eq_prob in (("control", "implicit", 0.0), ("eq-vae", args.eq_mode, args.eq_prob)):
-        flags = args.cli_flags if eq_mode == args.eq_mode else implicit_flags
+        flags = sorted(own_flags) if eq_mode == args.eq_mode else implicit_flags
         branches[name] = dict(stage, vae=base_path, eq_mode=eq_mode, eq_prob=eq_prob, cli_flags=flags,
                               run_dir=os.path.join(results_dir, name))
     return base, branches
@@ -728,6 +733,7 @@ def run_demo(args):
 
 # ----------------------------------------------------------------------------- flags
 
+DEMO_FLAGS = ("demo_base", "demo_base_steps", "demo_base_lr", "num_demo_eval")
 # the demo's pretrained base: results/demo/base/autoencoder.pt of a --demo-base train run (README)
 DEMO_BASE = os.path.join(os.path.dirname(__file__), "assets", "demo-vae-base.pt")
 PRESETS = {

@@ -508,6 +508,8 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
             train_vae.run_demo(train_vae.parse_args(["--preset", "demo", *argv, "--results-dir", str(tmp_path)]))
         assert message in capsys.readouterr().err
     assert (tmp_path / "demo" / "demo.json").read_text() == "kept"
+    code, err = refusal(["--preset", "tiny", "--num-demo-eval", "8", "--results-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and "--num-demo-eval: for --preset demo only" in err
     code, err = refusal(["--preset", "tiny", "--lr", "-1", "--results-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "--lr -1.0 is out of range" in err and "Traceback" not in err
     code, err = refusal(["--preset", "tiny", "--explicit-weight", "5", "--results-dir", str(tmp_path / "r")], capsys)
@@ -633,7 +635,8 @@ def test_demo_fine_tunes_the_shipped_base_by_default(tmp_path):
 
 def test_demo_stages_pass_their_own_checks_with_an_explicit_eq_branch(tmp_path):
     """--eq-mode explicit --explicit-weight: the EQ branch keeps both, the implicit base and control
-    run without the weight (check_args refuses --explicit-weight with the implicit objective)."""
+    run without the weight (check_args refuses --explicit-weight with the implicit objective), and
+    no stage carries the --demo-* flags (refused outside --preset demo)."""
     args = train_vae.parse_args(["--preset", "demo", "--demo-base", "train", "--eq-mode", "explicit", "--explicit-weight", "0.2"])
     base, branches = train_vae.demo_stages(args, str(tmp_path))
     assert branches["eq-vae"]["eq_mode"] == "explicit" and "explicit_weight" in branches["eq-vae"]["cli_flags"]
