@@ -500,8 +500,10 @@ def main(args):
     step = 0
     rng = random.Random(args.global_seed * 7919 + rank)  # branch and tau draws of this rank
     utils.seed_everything(args.global_seed * world_size + rank)
+    disc_received = bool(disc_state)  # from the starting weights: kept in autoencoder.pt even when unused here
     if resume_ckpt is not None:
         disc.load_state_dict(resume_ckpt["discriminator"])
+        disc_received = resume_ckpt.get("disc_received", True)
         opt_disc.load_state_dict(resume_ckpt["opt_disc"])
         if scaler_disc.is_enabled() and resume_ckpt["scaler_disc"]:
             scaler_disc.load_state_dict(resume_ckpt["scaler_disc"])
@@ -526,7 +528,7 @@ def main(args):
             "opt": opt_ae.state_dict(), "opt_disc": opt_disc.state_dict(),
             "scaler": scaler_ae.state_dict(), "scaler_disc": scaler_disc.state_dict(),
             "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
-            "autoencoder_config": dict(ae.config),
+            "autoencoder_config": dict(ae.config), "disc_received": disc_received,
         }, ckpt_dir, step, dict(utils.rng_state(), step_rng=rng.getstate()))
 
     # training loop; SIGTERM/SIGINT finish the current step, save and exit cleanly
@@ -624,7 +626,7 @@ def main(args):
         final = ema if ema is not None else ae
         if rank == 0:
             # a discriminator this run neither trained nor received is random weights: left out
-            keep_disc = args.disc_weight > 0 or bool(disc_state)
+            keep_disc = args.disc_weight > 0 or disc_received
             models.save_autoencoder(final, os.path.join(run_dir, "autoencoder.pt"),
                                     extras={**{f"loss.discriminator.{k}": v.cpu() for k, v in disc.state_dict().items() if keep_disc},
                                             **({"loss.logvar": logvar.detach().cpu()} if kind == "kl" else {})})
@@ -655,10 +657,12 @@ def demo_stages(args, results_dir):
     # carry --explicit-weight, the implicit stages must not
     own_flags = set(args.cli_flags) - set(DEMO_FLAGS)
     implicit_flags = sorted(own_flags - {"explicit_weight"})
-    stage = dict(vars(args), preset=None, results_dir=results_dir, eq_mode="implicit", eq_prob=0.0, cli_flags=implicit_flags)
+    stage = dict(vars(args), preset=None, results_dir=results_dir, eq_mode="implicit", eq_prob=0.0, cli_flags=implicit_flags,
+                 export_diffusers=None)
     base, base_path = None, args.demo_base
     if args.demo_base == "train":
-        base = dict(stage, max_steps=args.demo_base_steps or args.max_steps, lowres_prob=0.0, lr=args.demo_base_lr or args.lr,
+        base = dict(stage, max_steps=args.demo_base_steps or args.max_steps, lowres_prob=0.0,
+                    lr=args.lr if args.demo_base_lr is None else args.demo_base_lr,
                     run_dir=os.path.join(results_dir, "base"))
         base_path = os.path.join(base["run_dir"], "autoencoder.pt")
     branches = {}
@@ -666,6 +670,7 @@ def demo_stages(args, results_dir):
         flags = sorted(own_flags) if eq_mode == args.eq_mode else implicit_flags
         branches[name] = dict(stage, vae=base_path, eq_mode=eq_mode, eq_prob=eq_prob, cli_flags=flags,
                               run_dir=os.path.join(results_dir, name))
+    branches["eq-vae"]["export_diffusers"] = args.export_diffusers  # the demo's result, as the table's last row
     return base, branches
 
 
@@ -683,11 +688,19 @@ def run_demo(args):
         utils.fail("--preset demo runs in one process: start it with python, not torchrun")
     check_args(args, world_size=1)  # a bad flag fails before the previous demo's folder is replaced
     train_base = args.demo_base == "train"
-    if not train_base and not os.path.isfile(args.demo_base):
-        utils.fail(f"--demo-base {args.demo_base} is not a file: give an autoencoder file, or 'train' to train the base first")
     stray = [f"--{f.replace('_', '-')}" for f in ("vae", "demo_base_steps", "demo_base_lr") if f in args.cli_flags]
     if stray and not train_base:
         utils.fail(f"{', '.join(stray)}: for the base that --demo-base train trains; add --demo-base train, or remove them")
+    run_flags = [f"--{f.replace('_', '-')}" for f in ("resume", "run_dir", "restore_optimizer") if f in args.cli_flags]
+    if run_flags:  # each stage is a fresh run in results/demo/<stage>, which the demo replaces
+        utils.fail(f"{', '.join(run_flags)}: not with --preset demo, whose stages are fresh runs under --results-dir")
+    if not train_base:
+        if not os.path.isfile(args.demo_base):
+            utils.fail(f"--demo-base {args.demo_base} is not a file: give an autoencoder file, or 'train' to train the base first")
+        try:
+            models.load_autoencoder(args.demo_base, args.trust_checkpoint)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            utils.fail(f"--demo-base {args.demo_base}: {str(e).strip(chr(34) + chr(39))}")
     results_dir = os.path.join(args.results_dir, "demo")
     if os.path.isdir(results_dir):
         shutil.rmtree(results_dir)
@@ -714,7 +727,7 @@ def run_demo(args):
     x = held_out_batch(argparse.Namespace(**dict(vars(args), num_eval_images=args.num_demo_eval)), None)
     table, trained = {}, {}
     for name, path in rows.items():
-        ae = models.load_autoencoder(path).eval()
+        ae = models.load_autoencoder(path, args.trust_checkpoint).eval()
         table[name] = evaluate_batch(ae, x, args)
         if name != "base":
             trained["EQ-VAE" if name == "eq-vae" else name] = ae

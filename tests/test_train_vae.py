@@ -498,12 +498,15 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_vae.check_args(train_vae.parse_args(["--preset", "tiny", "--lr-decay-steps", "-1"]), world_size=1)
     assert "--lr-decay-steps -1 is out of range" in capsys.readouterr().err
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(256))
     (tmp_path / "demo").mkdir()  # the demo refuses a bad flag before it replaces its previous folder
     (tmp_path / "demo" / "demo.json").write_text("kept")
     for argv, message in ((["--demo-base", "train", "--demo-base-lr", "-1"], "--demo-base-lr -1.0 is out of range"),
                           (["--demo-base", str(tmp_path / "none.pt")], "none.pt is not a file: give an autoencoder file, or 'train'"),
                           (["--demo-base-steps", "5", "--vae", "scratch:tiny"],
-                           "--vae, --demo-base-steps: for the base that --demo-base train trains")):
+                           "--vae, --demo-base-steps: for the base that --demo-base train trains"),
+                          (["--demo-base", str(tmp_path / "garbage.pt")], "garbage.pt: "),
+                          (["--run-dir", str(tmp_path / "x")], "--run-dir: not with --preset demo")):
         with pytest.raises(SystemExit):
             train_vae.run_demo(train_vae.parse_args(["--preset", "demo", *argv, "--results-dir", str(tmp_path)]))
         assert message in capsys.readouterr().err
@@ -580,6 +583,17 @@ def test_pretrained_discriminator_and_logvar_are_restored(tmp_path):
     assert ckpt["logvar"].item() == pytest.approx(0.7)
     out = run_cli(["--preset", "tiny", "--max-steps", "1", "--run-dir", str(tmp_path / "fresh")])
     assert "carries no discriminator: training a fresh one" in (tmp_path / "fresh" / "log.txt").read_text()
+    # --disc-weight 0 leaves out a discriminator it never received (random weights), but passes a
+    # received one on, also across a --resume
+    saved_disc = lambda run_dir: {k for k in torch.load(run_dir / "autoencoder.pt", weights_only=True)["extras"]
+                                  if k.startswith("loss.discriminator.")}
+    for start, name, received in ((tmp_path / "start.pt", "kept", True), ("scratch:tiny", "dropped", False)):
+        common = ["--preset", "tiny", "--vae", str(start), "--disc-weight", "0", "--run-dir", str(tmp_path / name)]
+        assert run_cli([*common, "--max-steps", "2"]).returncode == 0
+        resumed = run_cli(["--preset", "tiny", "--disc-weight", "0", "--max-steps", "3",
+                           "--resume", str(tmp_path / name / "checkpoints" / "latest.pt")])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert bool(saved_disc(tmp_path / name)) == received
 
 
 def demo_table_row(path, num_images):
@@ -625,8 +639,8 @@ def test_demo_fine_tunes_the_shipped_base_by_default(tmp_path):
     out = run_cli(["--preset", "demo", "--max-steps", "1", "--num-demo-eval", "4", "--results-dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr[-3000:]
     shipped = os.path.join(ROOT, "assets", "demo-vae-base.pt")
-    ae = models.load_autoencoder(shipped)
-    assert sum(p.numel() for p in ae.parameters()) == sum(p.numel() for p in models.load_autoencoder("scratch:small").parameters())
+    config = models.load_autoencoder(shipped).config
+    assert {k: config[k] for k in models.AE_configs["small"]} == models.AE_configs["small"]
     assert not (tmp_path / "demo" / "base").exists()
     ckpt = utils.load_checkpoint(str(tmp_path / "demo" / "eq-vae" / "checkpoints" / "latest.pt"))
     assert os.path.samefile(ckpt["args"]["vae"], shipped) and ckpt["step"] == 1
@@ -637,10 +651,14 @@ def test_demo_stages_pass_their_own_checks_with_an_explicit_eq_branch(tmp_path):
     """--eq-mode explicit --explicit-weight: the EQ branch keeps both, the implicit base and control
     run without the weight (check_args refuses --explicit-weight with the implicit objective), and
     no stage carries the --demo-* flags (refused outside --preset demo)."""
-    args = train_vae.parse_args(["--preset", "demo", "--demo-base", "train", "--eq-mode", "explicit", "--explicit-weight", "0.2"])
+    args = train_vae.parse_args(["--preset", "demo", "--demo-base", "train", "--eq-mode", "explicit", "--explicit-weight", "0.2",
+                                 "--num-demo-eval", "8", "--demo-base-steps", "3", "--demo-base-lr", "0", "--export-diffusers", "out"])
     base, branches = train_vae.demo_stages(args, str(tmp_path))
     assert branches["eq-vae"]["eq_mode"] == "explicit" and "explicit_weight" in branches["eq-vae"]["cli_flags"]
     assert {base["eq_mode"], branches["control"]["eq_mode"]} == {"implicit"}
     for stage in (base, *branches.values()):
         train_vae.check_args(argparse.Namespace(**stage), world_size=1)  # exits on a refused combination
     assert branches["control"]["vae"] == branches["eq-vae"]["vae"] == os.path.join(str(tmp_path), "base", "autoencoder.pt")
+    assert base["lr"] == 0 and base["max_steps"] == 3  # --demo-base-lr 0 is a learning rate, not "unset"
+    # one diffusers export, of the demo's result: from the EQ branch only
+    assert [stage["export_diffusers"] for stage in (base, branches["control"], branches["eq-vae"])] == [None, None, "out"]
