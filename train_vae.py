@@ -250,6 +250,11 @@ def held_out_batch(args, dataset):
     return torch.stack([dataset[i][0] for i in range(min(args.num_eval_images, len(dataset)))])
 
 
+def given_flags(args, names):
+    """The command-line spellings of those of `names` (argparse dests) given explicitly."""
+    return [f"--{name.replace('_', '-')}" for name in names if name in args.cli_flags]
+
+
 def check_args(args, world_size):
     """Bad input fails here, before any model is built or any file written."""
     if args.data_path is None:
@@ -277,7 +282,7 @@ def check_args(args, world_size):
         utils.fail("--explicit-weight weighs the App. A.1 term of --eq-mode explicit|explicit-sg: add one, or remove it")
     if args.eq_transform in ("scale", "anisotropic") and "eq_angles" in args.cli_flags:
         utils.fail(f"--eq-angles has no effect with --eq-transform {args.eq_transform} (no rotation): remove one of them")
-    demo_flags = [f"--{f.replace('_', '-')}" for f in DEMO_FLAGS if f in args.cli_flags]
+    demo_flags = given_flags(args, DEMO_FLAGS)
     if demo_flags and args.preset != "demo":
         utils.fail(f"{', '.join(demo_flags)}: for --preset demo only; add it, or remove them")
     if "restore_optimizer" in args.cli_flags and args.resume:
@@ -656,7 +661,7 @@ def demo_stages(args, results_dir):
     # the stages are runs of their own (no --demo-* flags); an explicit-objective EQ branch may
     # carry --explicit-weight, the implicit stages must not
     own_flags = set(args.cli_flags) - set(DEMO_FLAGS)
-    implicit_flags = sorted(own_flags - {"explicit_weight"})
+    implicit_flags, eq_flags = sorted(own_flags - {"explicit_weight"}), sorted(own_flags)
     stage = dict(vars(args), preset=None, results_dir=results_dir, eq_mode="implicit", eq_prob=0.0, cli_flags=implicit_flags,
                  export_diffusers=None)
     base, base_path = None, args.demo_base
@@ -666,8 +671,8 @@ def demo_stages(args, results_dir):
                     run_dir=os.path.join(results_dir, "base"))
         base_path = os.path.join(base["run_dir"], "autoencoder.pt")
     branches = {}
-    for name, eq_mode, eq_prob in (("control", "implicit", 0.0), ("eq-vae", args.eq_mode, args.eq_prob)):
-        flags = sorted(own_flags) if eq_mode == args.eq_mode else implicit_flags
+    for name, eq_mode, eq_prob, flags in (("control", "implicit", 0.0, implicit_flags),
+                                          ("eq-vae", args.eq_mode, args.eq_prob, eq_flags)):
         branches[name] = dict(stage, vae=base_path, eq_mode=eq_mode, eq_prob=eq_prob, cli_flags=flags,
                               run_dir=os.path.join(results_dir, name))
     branches["eq-vae"]["export_diffusers"] = args.export_diffusers  # the demo's result, as the table's last row
@@ -688,10 +693,10 @@ def run_demo(args):
         utils.fail("--preset demo runs in one process: start it with python, not torchrun")
     check_args(args, world_size=1)  # a bad flag fails before the previous demo's folder is replaced
     train_base = args.demo_base == "train"
-    stray = [f"--{f.replace('_', '-')}" for f in ("vae", "demo_base_steps", "demo_base_lr") if f in args.cli_flags]
+    stray = given_flags(args, ("vae", "demo_base_steps", "demo_base_lr"))
     if stray and not train_base:
         utils.fail(f"{', '.join(stray)}: for the base that --demo-base train trains; add --demo-base train, or remove them")
-    run_flags = [f"--{f.replace('_', '-')}" for f in ("resume", "run_dir", "restore_optimizer") if f in args.cli_flags]
+    run_flags = given_flags(args, ("resume", "run_dir", "restore_optimizer"))
     if run_flags:  # each stage is a fresh run in results/demo/<stage>, which the demo replaces
         utils.fail(f"{', '.join(run_flags)}: not with --preset demo, whose stages are fresh runs under --results-dir")
     if not train_base:
