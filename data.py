@@ -134,6 +134,20 @@ def epoch_loader(dataset, step, steps_per_epoch, per_rank, seed, rank=0, world_s
                                        pin_memory=pin_memory, drop_last=True, generator=torch.Generator().manual_seed(seed + epoch))
 
 
+def step_batches(dataset, step, max_steps, steps_per_epoch, per_rank, seed, rank=0, world_size=1, num_workers=0,
+                 pin_memory=False):
+    """This rank's batches for steps `step` to max_steps - 1, epoch after epoch, each epoch's
+    epoch_loader starting at the step it is entered at (so a resumed run reads what the uninterrupted
+    one would)."""
+    while step < max_steps:
+        for batch in epoch_loader(dataset, step, steps_per_epoch, per_rank, seed, rank, world_size, num_workers,
+                                  pin_memory):
+            if step >= max_steps:
+                return
+            yield batch
+            step += 1
+
+
 # ----------------------------------------------------------------------------- folders
 
 
@@ -456,6 +470,84 @@ def check_resumed_cache(recorded, meta, flag, folder):
         return (f"--{flag} {folder} holds other images than the resumed run's cache ("
                 + "; ".join(f"{k}: {meta.get(k)} here, {recorded[k]} in the run" for k in changed) + "): pass the run's cache")
     return None
+
+
+def check_cache_flags(args, world_size, flag):
+    """The cache trainers' first checks: a cache folder --`flag` (or --resume), a --data-path that
+    exists, and a --global-batch-size that the processes share and a builtin: set can fill."""
+    if getattr(args, flag) is None and args.resume is None:
+        utils.fail(f"--{flag} is required: the {flag[:-1]} cache folder (built there from --data-path and --vae if empty)")
+    if args.data_path and not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
+        utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
+    if args.global_batch_size <= 0 or args.global_batch_size % world_size:
+        utils.fail(f"--global-batch-size {args.global_batch_size} must be positive and divisible by the {world_size} processes")
+    if args.data_path and args.data_path.startswith("builtin:"):  # its size is known before any caching
+        try:
+            count = parse_builtin(args.data_path)[1]
+        except ValueError as e:
+            utils.fail(f"--data-path: {e}")
+        if count < args.global_batch_size:
+            utils.fail(f"--data-path {args.data_path} has {count} images, fewer than one --global-batch-size "
+                       f"{args.global_batch_size}")
+
+
+def cache_coder(args, flag, meta, device, coder, hint):
+    """The trainers' autoencoder of --vae (`coder`: its name in messages) when the cache in --`flag`
+    is to be built, or checked against it (--data-path given, or no complete cache there), loaded and
+    checked against --image-size; None when an existing cache is only read. `hint`: which --vae the
+    official runs cached."""
+    folder, codes = getattr(args, flag), flag[:-1]
+    if args.data_path is None and meta is not None:
+        return None
+    if args.data_path is None or args.vae is None:
+        utils.fail((f"--{flag} {folder}, the resumed run's cache, holds no complete {codes} cache: pass "
+                    f"--{flag} with the cache's place now" if args.resume else
+                    f"--{flag} {folder} holds no complete {codes} cache: pass --data-path and --vae to build it")
+                   if meta is None else f"--data-path needs --vae, the {coder} whose {flag} are cached ({hint})")
+    try:
+        ae = models.load_autoencoder(args.vae, args.trust_checkpoint).to(device).eval()
+        if meta is not None and args.vae.startswith("scratch:"):  # the cache keeps the weights it drew
+            ae = same_architecture_from_cache(ae, meta, args.trust_checkpoint).to(device)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        utils.fail(f"--vae {args.vae}: {str(e).strip(chr(34) + chr(39))}")
+    return ae
+
+
+def cache_plan(args, flag, meta, ae):
+    """What --data-path encoded by `ae` would put in the cache --`flag`: its fingerprint, checked
+    against the cache there when there is one (-> (fingerprint, None, None)), else against the folder
+    (-> (fingerprint, the dataset to encode, the autoencoder spec the cache records)). A scratch:
+    autoencoder is saved into the folder first: its codes could never be decoded otherwise."""
+    folder = getattr(args, flag)
+    try:
+        fingerprint = dict(vae_hash=weights_hash(ae), image_size=args.image_size, crop="adm",
+                           data=data_source(args.data_path))
+        if meta is not None:
+            check_cache_matches(meta, fingerprint, folder)
+            return fingerprint, None, None
+        check_build_plan(folder, fingerprint)  # before anything is written there
+        dataset = make_dataset(args.data_path, args.image_size, crop="adm", min_size=None, skip_broken=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        utils.fail(str(e))
+    vae_spec = args.vae
+    if vae_spec.startswith("scratch:"):
+        vae_spec = os.path.join(folder, "autoencoder.pt")
+        if utils.is_main():
+            os.makedirs(folder, exist_ok=True)
+            models.save_autoencoder(ae, vae_spec)
+    return fingerprint, dataset, vae_spec
+
+
+def grid_coder(args, meta, ae, device, coder):
+    """The autoencoder that rank 0's sample grids decode with: `ae` when the cache step loaded it,
+    else the cache's own, or --vae when given (a preset's scratch: spec would draw new weights).
+    None on the other ranks and without grids."""
+    if args.sample_every <= 0 or ae is not None or not utils.is_main():
+        return ae
+    try:
+        return coder_of(meta, args.vae if "vae" in args.cli_flags else None, args.trust_checkpoint).to(device)
+    except ValueError as e:
+        utils.fail(f"sample grids decode with the cache's {coder}: {e}; pass that {coder} as --vae, or --sample-every 0")
 
 
 def dataset_labels(dataset):

@@ -19,7 +19,6 @@ import copy
 import math
 import os
 import shutil
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -39,61 +38,35 @@ def prepare_latents(args, device):
         meta = data.read_cache_meta(args.latents)
     except RuntimeError as e:
         utils.fail(str(e))
-    ae = None
-    if args.data_path is not None or meta is None:
-        if args.data_path is None or args.vae is None:
-            utils.fail((f"--latents {args.latents}, the resumed run's cache, holds no complete latent cache: pass "
-                        f"--latents with the cache's place now" if args.resume else
-                        f"--latents {args.latents} holds no complete latent cache: pass --data-path and --vae to build it")
-                       if meta is None else "--data-path needs --vae, the autoencoder whose latents are cached "
-                       "(DiT and SiT used sd-vae-ft-ema)")
-        try:
-            ae = models.load_autoencoder(args.vae, args.trust_checkpoint).to(device).eval()
-            if meta is not None and args.vae.startswith("scratch:"):  # the cache keeps the weights it drew
-                ae = data.same_architecture_from_cache(ae, meta, args.trust_checkpoint).to(device)
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            utils.fail(f"--vae {args.vae}: {str(e).strip(chr(34) + chr(39))}")
-        if ae.kind != "kl":
-            utils.fail(f"--vae {args.vae} is a VQ autoencoder: DiT/SiT need a continuous (KL) one; train MaskGIT on VQ tokens")
-        if args.image_size % ae.downsample_factor:
-            utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's factor {ae.downsample_factor}")
-        patch = int(args.model.rsplit("/", 1)[1])
-        if (args.image_size // ae.downsample_factor) % patch:  # before hours of caching, not after
-            utils.fail(f"--model {args.model}: its {patch}x{patch} patches do not tile the "
-                       f"{args.image_size // ae.downsample_factor}x{args.image_size // ae.downsample_factor} latents of "
-                       f"--image-size {args.image_size}")
-        try:
-            fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm",
-                               data=data.data_source(args.data_path))
-            if meta is not None:
-                data.check_cache_matches(meta, fingerprint, args.latents)
-                return meta, ae
-            data.check_build_plan(args.latents, fingerprint)  # before anything is written there
-            dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None, skip_broken=False)
-        except (OSError, ValueError, RuntimeError) as e:
-            utils.fail(str(e))
-        lat = args.image_size // ae.downsample_factor
-        vae_spec = args.vae
-        if vae_spec.startswith("scratch:"):  # random weights: keep them, or the latents could never be decoded
-            vae_spec = os.path.join(args.latents, "autoencoder.pt")
-            if utils.is_main():
-                os.makedirs(args.latents, exist_ok=True)
-                models.save_autoencoder(ae, vae_spec)
-        info = dict(vae=vae_spec, vae_scaling_factor=ae.scaling_factor, vae_shift_factor=ae.shift_factor,
-                    data_path=args.data_path)
+    ae = data.cache_coder(args, "latents", meta, device, "autoencoder", "DiT and SiT used sd-vae-ft-ema")
+    if ae is None:
+        return meta, None
+    if ae.kind != "kl":
+        utils.fail(f"--vae {args.vae} is a VQ autoencoder: DiT/SiT need a continuous (KL) one; train MaskGIT on VQ tokens")
+    if args.image_size % ae.downsample_factor:
+        utils.fail(f"--image-size {args.image_size} is not a multiple of the autoencoder's factor {ae.downsample_factor}")
+    lat, patch = args.image_size // ae.downsample_factor, int(args.model.rsplit("/", 1)[1])
+    if lat % patch:  # before hours of caching, not after
+        utils.fail(f"--model {args.model}: its {patch}x{patch} patches do not tile the {lat}x{lat} latents of "
+                   f"--image-size {args.image_size}")
+    fingerprint, dataset, vae_spec = data.cache_plan(args, "latents", meta, ae)
+    if dataset is None:  # the cache there was made by this autoencoder from these images
+        return meta, ae
+    info = dict(vae=vae_spec, vae_scaling_factor=ae.scaling_factor, vae_shift_factor=ae.shift_factor,
+                data_path=args.data_path)
 
-        @torch.no_grad()
-        def encode(x):
-            posterior = ae.encode(x)
-            return posterior.mean, posterior.std
+    @torch.no_grad()
+    def encode(x):
+        posterior = ae.encode(x)
+        return posterior.mean, posterior.std
 
-        try:
-            meta = data.build_latent_cache(args.latents, dataset, encode, fingerprint, (ae.latent_channels, lat, lat), info,
-                                           batch_size=args.cache_batch_size, num_workers=args.num_workers,
-                                           dtype=args.cache_dtype, device=device, shard_images=args.cache_shard_size,
-                                           store_images=args.cache_images)
-        except RuntimeError as e:
-            utils.fail(str(e))
+    try:
+        meta = data.build_latent_cache(args.latents, dataset, encode, fingerprint, (ae.latent_channels, lat, lat), info,
+                                       batch_size=args.cache_batch_size, num_workers=args.num_workers,
+                                       dtype=args.cache_dtype, device=device, shard_images=args.cache_shard_size,
+                                       store_images=args.cache_images)
+    except RuntimeError as e:
+        utils.fail(str(e))
     return meta, ae
 
 
@@ -168,15 +141,7 @@ def main(args):
     rank, world_size, device = utils.setup_distributed()
     # resume: the architecture, objective and data come from the checkpoint's arguments, and so do the flags
     # not given now (checked and applied with the rest: precision, batch size, ...)
-    resume_path, resume_ckpt = utils.resume_args(args, FIXED_ON_RESUME) if args.resume else (None, None)
-    if resume_path:
-        args.data_path = None  # the cache exists: never rebuilt on resume
-    if "epochs" in args.cli_flags and "max_steps" not in args.cli_flags:
-        args.max_steps = None  # --epochs given now wins over a preset's or the resumed run's step count
-    check_args(args, world_size)
-    # a new run into a folder with checkpoints is refused; the folders it writes must be writable
-    utils.check_output_folders(args, *(("latents",) if args.data_path else ()))
-    args.latents = os.path.abspath(args.latents)  # saved with the run: --resume works from any directory
+    resume_path, resume_ckpt = utils.start_cache_run(args, FIXED_ON_RESUME, check_args, world_size, "latents")
     utils.seed_everything(args.global_seed)  # a scratch autoencoder for the cache: the same weights every time
     precision, autocast = utils.precision_setup(args.precision, device)
 
@@ -242,24 +207,15 @@ def main(args):
                        f"{meta['num_classes']} classes: {str(e).strip(chr(34) + chr(39))}")
         notes.append(f"starting weights from {args.init_from}")
     objective = diffusion.make_objective(objective_spec, model)
-    if args.sample_every > 0 and ae is None and rank == 0:
-        # the cache's autoencoder, unless --vae is given (a preset's scratch: spec would draw new weights)
-        vae = args.vae if "vae" in args.cli_flags else None
-        try:
-            ae = data.coder_of(meta, vae, args.trust_checkpoint).to(device)
-        except ValueError as e:
-            utils.fail(f"sample grids decode with the cache's autoencoder: {e}; pass that autoencoder as --vae, "
-                       f"or --sample-every 0")
+    ae = data.grid_coder(args, meta, ae, device, "autoencoder")
     try:
         dataset = data.LatentDataset(args.latents, flip=args.flip, seed=args.global_seed, images=args.repa)
     except (OSError, RuntimeError) as e:
         utils.fail(str(e))
 
     # run folder, logger, args.json
-    run_dir = args.run_dir or (utils.run_dir_of(resume_path) if resume_path else
-                               utils.make_run_dir(args.results_dir, f"{args.model}-{args.objective}"))
-    logger, ckpt_dir = utils.open_run(run_dir, args, f"run folder {run_dir}; world size {world_size}; device {device}; "
-                                      f"precision {precision}", notes)
+    run_dir, logger, ckpt_dir = utils.open_run(args, resume_path, f"{args.model}-{args.objective}", world_size, device,
+                                               precision, notes)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{args.model} ({num_params / 1e6:.2f}M parameters) on {C}x{h}x{w} latents of {meta['vae']}, "
                 f"{meta['num_classes']} classes; objective {args.objective}"
@@ -306,53 +262,38 @@ def main(args):
 
     # training loop; SIGTERM/SIGINT finish the current step, save and exit
     stop = utils.StopSignal()
-    sums, count, t0 = {}, 0, time.time()
+    log = utils.IntervalLog(logger, args.log_every, max_steps, args.global_batch_size, device)
     try:
-        while step < max_steps:
-            loader = data.epoch_loader(dataset, step, steps_per_epoch, per_rank, args.global_seed, rank, world_size,
-                                       args.num_workers, pin_memory=device.type == "cuda")
-            for batch in loader:
-                if step >= max_steps:
-                    break
-                moments, y = batch[0].to(device, non_blocking=True), batch[-1].to(device, non_blocking=True)
-                mean, std = moments[:, 0], moments[:, 1]
-                z = mean + std * torch.randn_like(mean) if args.latent_sample else mean
-                x = data.normalize_latents(z, latent)
-                with torch.autocast(**autocast):
-                    if encoders:  # the targets, without gradients (the encoders are frozen)
-                        with torch.no_grad():
-                            images = batch[1].to(device, non_blocking=True)
-                            targets = [models.encoder_targets(e, images, grid) for e in encoders]
-                    terms = objective.training_losses(train_model, x, y)
-                    loss = loss_total = terms["loss"].mean()
-                    if encoders:  # REPA: loss + lambda * alignment (lambda = --proj-coeff, 0.5)
-                        loss_proj = diffusion.alignment_loss(terms["projected"], targets).mean()
-                        loss_total = loss + args.proj_coeff * loss_proj
-                grad_norm, nonfinite, stop_now = utils.optimizer_step(loss_total, model.parameters(), opt, scaler,
-                                                                      args.grad_clip, stop.requested, device)
-                if nonfinite:
-                    utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
-                utils.update_ema(ema, model, args.ema_decay)
-                step += 1
-                logged = [("loss", loss), ("grad_norm", grad_norm)] + ([("loss_proj", loss_proj)] if encoders else [])
-                for k, v in logged:
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-                count += 1
-
-                if step % args.log_every == 0 or step == max_steps:
-                    utils.log_interval(logger, step, max_steps, sums, count, time.time() - t0, args.lr,
-                                       args.global_batch_size, device)
-                    sums, count, t0 = {}, 0, time.time()
-                if step % args.ckpt_every == 0 or step == max_steps or stop_now:
-                    save()
-                if args.sample_every > 0 and (step % args.sample_every == 0 or step == max_steps):
-                    if rank == 0:
-                        path = os.path.join(run_dir, f"samples-{step:07d}.png")
-                        save_sample_grid(ema, recipe, objective, ae, path, args, device)
-                        logger.info(f"sample grid {path}")
-                    utils.barrier()
-                if stop_now and step < max_steps:  # on the last step the run just finishes
-                    utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
+        for batch in data.step_batches(dataset, step, max_steps, steps_per_epoch, per_rank, args.global_seed, rank,
+                                       world_size, args.num_workers, pin_memory=device.type == "cuda"):
+            moments, y = batch[0].to(device, non_blocking=True), batch[-1].to(device, non_blocking=True)
+            mean, std = moments[:, 0], moments[:, 1]
+            z = mean + std * torch.randn_like(mean) if args.latent_sample else mean
+            x = data.normalize_latents(z, latent)
+            with torch.autocast(**autocast):
+                if encoders:  # the targets, without gradients (the encoders are frozen)
+                    with torch.no_grad():
+                        images = batch[1].to(device, non_blocking=True)
+                        targets = [models.encoder_targets(e, images, grid) for e in encoders]
+                terms = objective.training_losses(train_model, x, y)
+                loss = loss_total = terms["loss"].mean()
+                if encoders:  # REPA: loss + lambda * alignment (lambda = --proj-coeff, 0.5)
+                    loss_proj = diffusion.alignment_loss(terms["projected"], targets).mean()
+                    loss_total = loss + args.proj_coeff * loss_proj
+            grad_norm, nonfinite, stop_now = utils.optimizer_step(loss_total, model.parameters(), opt, scaler,
+                                                                  args.grad_clip, stop.requested, device)
+            if nonfinite:
+                utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
+            utils.update_ema(ema, model, args.ema_decay)
+            step += 1
+            log.add(step, args.lr, dict(loss=loss, grad_norm=grad_norm, **(dict(loss_proj=loss_proj) if encoders else {})))
+            if utils.due(step, args.ckpt_every, max_steps) or stop_now:
+                save()
+            if utils.due(step, args.sample_every, max_steps):
+                utils.save_step_grid(lambda path: save_sample_grid(ema, recipe, objective, ae, path, args, device),
+                                     run_dir, step, logger)
+            if stop_now and step < max_steps:  # on the last step the run just finishes
+                utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
         logger.info(f"done: {ckpt_dir}/latest.pt; sample with: python sample.py --ckpt {ckpt_dir}/latest.pt")
     finally:
         logger.close()
@@ -363,30 +304,12 @@ def main(args):
 
 def check_args(args, world_size):
     """Bad input fails here, before any model is built or any file written."""
-    if args.latents is None and args.resume is None:
-        utils.fail("--latents is required: the latent cache folder (built there from --data-path and --vae if empty)")
-    if args.data_path and not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
-        utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
-    if args.global_batch_size <= 0 or args.global_batch_size % world_size:
-        utils.fail(f"--global-batch-size {args.global_batch_size} must be positive and divisible by the {world_size} processes")
-    if args.data_path and args.data_path.startswith("builtin:"):  # its size is known before any caching
-        try:
-            count = data.parse_builtin(args.data_path)[1]
-        except ValueError as e:
-            utils.fail(f"--data-path: {e}")
-        if count < args.global_batch_size:
-            utils.fail(f"--data-path {args.data_path} has {count} images, fewer than one --global-batch-size "
-                       f"{args.global_batch_size}")
-    for flag in ("lr", "ema_decay", "class_dropout_prob", "grad_clip", "weight_decay", "proj_coeff"):
-        value = getattr(args, flag)
-        if not math.isfinite(value) or value < 0 or (flag in ("ema_decay", "class_dropout_prob") and value >= 1):
-            utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
-    for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size", "encoder_depth",
-                 "projector_dim", "image_size", "epochs", "max_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            utils.fail(f"--{flag.replace('_', '-')} must be a positive integer")
-    if args.num_workers < 0:
-        utils.fail("--num-workers must be 0 (load in the training process) or more")
+    data.check_cache_flags(args, world_size, "latents")
+    utils.check_ranges(args, rates=("lr", "grad_clip", "weight_decay", "proj_coeff"),
+                       below_one=("ema_decay", "class_dropout_prob"),
+                       counts=("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size",
+                               "encoder_depth", "projector_dim", "image_size", "epochs", "max_steps"),
+                       zero_or_more=("num_workers",))
     if not math.isfinite(args.cfg_scale):
         utils.fail(f"--cfg-scale {args.cfg_scale} is not a number")
     if args.objective == "diffusion" and args.num_steps > 1000:

@@ -13,9 +13,6 @@ the masked tokens with label smoothing 0.1, 10% of labels dropped to the null cl
 """
 import argparse
 import copy
-import math
-import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -36,55 +33,31 @@ def prepare_tokens(args, device):
         meta = data.read_cache_meta(args.tokens, data.TOKEN_CACHE_FORMAT)
     except RuntimeError as e:
         utils.fail(str(e))
-    ae = None
-    if args.data_path is not None or meta is None:
-        if args.data_path is None or args.vae is None:
-            utils.fail((f"--tokens {args.tokens}, the resumed run's cache, holds no complete token cache: pass "
-                        f"--tokens with the cache's place now" if args.resume else
-                        f"--tokens {args.tokens} holds no complete token cache: pass --data-path and --vae to build it")
-                       if meta is None else "--data-path needs --vae, the VQ model whose tokens are cached "
-                       "(MaskGIT-pytorch: taming's vq-f16-1024)")
-        try:
-            ae = models.load_autoencoder(args.vae, args.trust_checkpoint).to(device).eval()
-            if meta is not None and args.vae.startswith("scratch:"):  # the cache keeps the weights it drew
-                ae = data.same_architecture_from_cache(ae, meta, args.trust_checkpoint).to(device)
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            utils.fail(f"--vae {args.vae}: {str(e).strip(chr(34) + chr(39))}")
-        if ae.kind != "vq":
-            utils.fail(f"--vae {args.vae} is a continuous (KL) autoencoder: MaskGIT needs a VQ model's tokens; "
-                       f"train DiT/SiT on continuous latents")
-        if args.image_size % ae.downsample_factor:
-            utils.fail(f"--image-size {args.image_size} is not a multiple of the VQ model's factor {ae.downsample_factor}")
-        if ae.quantize.n_embed > 1 << 15:  # before the folder scan and any write
-            utils.fail(f"--vae {args.vae}: a codebook of {ae.quantize.n_embed} codes does not fit the cache's int16 tokens")
-        try:
-            fingerprint = dict(vae_hash=data.weights_hash(ae), image_size=args.image_size, crop="adm",
-                               data=data.data_source(args.data_path))
-            if meta is not None:
-                data.check_cache_matches(meta, fingerprint, args.tokens)
-                return meta, ae
-            data.check_build_plan(args.tokens, fingerprint)  # before anything is written there
-            dataset = data.make_dataset(args.data_path, args.image_size, crop="adm", min_size=None, skip_broken=False)
-        except (OSError, ValueError, RuntimeError) as e:
-            utils.fail(str(e))
-        vae_spec = args.vae
-        if vae_spec.startswith("scratch:"):  # random weights: keep them, or the tokens could never be decoded
-            vae_spec = os.path.join(args.tokens, "autoencoder.pt")
-            if utils.is_main():
-                os.makedirs(args.tokens, exist_ok=True)
-                models.save_autoencoder(ae, vae_spec)
-        grid = args.image_size // ae.downsample_factor
+    ae = data.cache_coder(args, "tokens", meta, device, "VQ model", "MaskGIT-pytorch: taming's vq-f16-1024")
+    if ae is None:
+        return meta, None
+    if ae.kind != "vq":
+        utils.fail(f"--vae {args.vae} is a continuous (KL) autoencoder: MaskGIT needs a VQ model's tokens; "
+                   f"train DiT/SiT on continuous latents")
+    if args.image_size % ae.downsample_factor:
+        utils.fail(f"--image-size {args.image_size} is not a multiple of the VQ model's factor {ae.downsample_factor}")
+    if ae.quantize.n_embed > 1 << 15:  # before the folder scan and any write
+        utils.fail(f"--vae {args.vae}: a codebook of {ae.quantize.n_embed} codes does not fit the cache's int16 tokens")
+    fingerprint, dataset, vae_spec = data.cache_plan(args, "tokens", meta, ae)
+    if dataset is None:  # the cache there was made by this VQ model from these images
+        return meta, ae
 
-        @torch.no_grad()
-        def encode(x):
-            return ae.quantize_features(ae.encode_features(x))[2]  # (N, h, w) codebook indices
+    @torch.no_grad()
+    def encode(x):
+        return ae.quantize_features(ae.encode_features(x))[2]  # (N, h, w) codebook indices
 
-        try:
-            meta = data.build_token_cache(args.tokens, dataset, encode, fingerprint, grid, ae.quantize.n_embed,
-                                          dict(vae=vae_spec, data_path=args.data_path), batch_size=args.cache_batch_size,
-                                          num_workers=args.num_workers, device=device, shard_images=args.cache_shard_size)
-        except (RuntimeError, ValueError) as e:
-            utils.fail(str(e))
+    try:
+        meta = data.build_token_cache(args.tokens, dataset, encode, fingerprint, args.image_size // ae.downsample_factor,
+                                      ae.quantize.n_embed, dict(vae=vae_spec, data_path=args.data_path),
+                                      batch_size=args.cache_batch_size, num_workers=args.num_workers, device=device,
+                                      shard_images=args.cache_shard_size)
+    except (RuntimeError, ValueError) as e:
+        utils.fail(str(e))
     return meta, ae
 
 
@@ -136,15 +109,7 @@ def main(args):
     rank, world_size, device = utils.setup_distributed()
     # resume: the architecture, masking and data come from the checkpoint's arguments, and so do the flags
     # not given now (checked and applied with the rest: precision, batch size, ...)
-    resume_path, resume_ckpt = utils.resume_args(args, FIXED_ON_RESUME) if args.resume else (None, None)
-    if resume_path:
-        args.data_path = None  # the cache exists: never rebuilt on resume
-    if "epochs" in args.cli_flags and "max_steps" not in args.cli_flags:
-        args.max_steps = None  # --epochs given now wins over a preset's or the resumed run's step count
-    check_args(args, world_size)
-    # a new run into a folder with checkpoints is refused; the folders it writes must be writable
-    utils.check_output_folders(args, *(("tokens",) if args.data_path else ()))
-    args.tokens = os.path.abspath(args.tokens)  # saved with the run: --resume works from any directory
+    resume_path, resume_ckpt = utils.start_cache_run(args, FIXED_ON_RESUME, check_args, world_size, "tokens")
     utils.seed_everything(args.global_seed)  # a scratch autoencoder for the cache: the same weights every time
     precision, autocast = utils.precision_setup(args.precision, device)
 
@@ -178,24 +143,14 @@ def main(args):
             utils.fail(f"--init-from {args.init_from} does not fit --model {args.model} on {h}x{h} tokens of "
                        f"{meta['codebook_size']} codes with {meta['num_classes']} classes: {str(e).strip(chr(34) + chr(39))}")
         notes.append(f"starting weights from {args.init_from}")
-    if args.sample_every > 0 and ae is None and rank == 0:
-        # the cache's VQ model, unless --vae is given (a preset's scratch: spec would draw new weights)
-        vae = args.vae if "vae" in args.cli_flags else None
-        try:
-            ae = data.coder_of(meta, vae, args.trust_checkpoint).to(device)
-        except ValueError as e:
-            utils.fail(f"sample grids decode with the cache's VQ model: {e}; pass that VQ model as --vae, "
-                       f"or --sample-every 0")
+    ae = data.grid_coder(args, meta, ae, device, "VQ model")
     try:
         dataset = data.TokenDataset(args.tokens, flip=args.flip, seed=args.global_seed)
     except (OSError, RuntimeError) as e:
         utils.fail(str(e))
 
     # run folder, logger, args.json
-    run_dir = args.run_dir or (utils.run_dir_of(resume_path) if resume_path else
-                               utils.make_run_dir(args.results_dir, args.model))
-    logger, ckpt_dir = utils.open_run(run_dir, args, f"run folder {run_dir}; world size {world_size}; device {device}; "
-                                      f"precision {precision}", notes)
+    run_dir, logger, ckpt_dir = utils.open_run(args, resume_path, args.model, world_size, device, precision, notes)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{args.model} ({num_params / 1e6:.2f}M parameters) on {h}x{h} tokens of {meta['vae']} "
                 f"({meta['codebook_size']} codes), {meta['num_classes']} classes; {args.mask_schedule} masking, "
@@ -231,52 +186,37 @@ def main(args):
 
     # training loop; SIGTERM/SIGINT finish the current step, save and exit
     stop = utils.StopSignal()
-    sums, count, t0 = {}, 0, time.time()
+    log = utils.IntervalLog(logger, args.log_every, max_steps, args.global_batch_size, device)
     try:
-        while step < max_steps:
-            loader = data.epoch_loader(dataset, step, steps_per_epoch, per_rank, args.global_seed, rank, world_size,
-                                       args.num_workers, pin_memory=device.type == "cuda")
-            for z, y in loader:
-                if step >= max_steps:
-                    break
-                z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # v1.0's linear warm-up from 0 over --warmup-steps, then constant
-                lr = args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                mask = draw_mask(z, args.mask_schedule)
-                y = torch.where(torch.rand(y.shape, device=device) < args.class_dropout_prob, model.num_classes, y)
-                with torch.autocast(**autocast):
-                    loss, logits, token_weight = masked_token_loss(train_model, z, y, mask, model.mask_token,
-                                                                   args.label_smoothing)
-                grad_norm, nonfinite, stop_now = utils.optimizer_step(loss, model.parameters(), opt, scaler,
-                                                                      args.grad_clip, stop.requested, device)
-                if nonfinite:
-                    utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
-                if ema is not None:
-                    utils.update_ema(ema, model, args.ema_decay)
-                step += 1
-                # accuracy on the masked tokens of the global batch (not a mean of per-rank accuracies)
-                hits = (logits.detach().argmax(-1).view_as(z) == z) & mask
-                for k, v in (("loss", loss.detach()), ("grad_norm", grad_norm.detach()),
-                             ("acc", hits.sum() * token_weight)):
-                    sums[k] = sums.get(k, 0.0) + v.float()
-                count += 1
-
-                if step % args.log_every == 0 or step == max_steps:
-                    utils.log_interval(logger, step, max_steps, sums, count, time.time() - t0, lr,
-                                       args.global_batch_size, device)
-                    sums, count, t0 = {}, 0, time.time()
-                if step % args.ckpt_every == 0 or step == max_steps or stop_now:
-                    save()
-                if args.sample_every > 0 and (step % args.sample_every == 0 or step == max_steps):
-                    if rank == 0:
-                        path = os.path.join(run_dir, f"samples-{step:07d}.png")
-                        save_sample_grid(ema if ema is not None else model, ae, meta["class_names"], path, args, device)
-                        logger.info(f"sample grid {path}")
-                    utils.barrier()
-                if stop_now and step < max_steps:  # on the last step the run just finishes
-                    utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
+        for z, y in data.step_batches(dataset, step, max_steps, steps_per_epoch, per_rank, args.global_seed, rank,
+                                      world_size, args.num_workers, pin_memory=device.type == "cuda"):
+            z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # v1.0's linear warm-up from 0 over --warmup-steps, then constant
+            lr = args.lr * min(1.0, step / args.warmup_steps) if args.warmup_steps else args.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            mask = draw_mask(z, args.mask_schedule)
+            y = torch.where(torch.rand(y.shape, device=device) < args.class_dropout_prob, model.num_classes, y)
+            with torch.autocast(**autocast):
+                loss, logits, token_weight = masked_token_loss(train_model, z, y, mask, model.mask_token,
+                                                               args.label_smoothing)
+            grad_norm, nonfinite, stop_now = utils.optimizer_step(loss, model.parameters(), opt, scaler,
+                                                                  args.grad_clip, stop.requested, device)
+            if nonfinite:
+                utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
+            if ema is not None:
+                utils.update_ema(ema, model, args.ema_decay)
+            step += 1
+            # accuracy on the masked tokens of the global batch (not a mean of per-rank accuracies)
+            hits = (logits.detach().argmax(-1).view_as(z) == z) & mask
+            log.add(step, lr, dict(loss=loss, grad_norm=grad_norm, acc=hits.sum() * token_weight))
+            if utils.due(step, args.ckpt_every, max_steps) or stop_now:
+                save()
+            if utils.due(step, args.sample_every, max_steps):
+                utils.save_step_grid(lambda path: save_sample_grid(ema if ema is not None else model, ae, meta["class_names"],
+                                                                   path, args, device), run_dir, step, logger)
+            if stop_now and step < max_steps:  # on the last step the run just finishes
+                utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
         logger.info(f"done: {ckpt_dir}/latest.pt; sample with: python sample.py --ckpt {ckpt_dir}/latest.pt")
     finally:
         logger.close()
@@ -287,26 +227,12 @@ def main(args):
 
 def check_args(args, world_size):
     """Bad input fails here, before any model is built or any file written."""
-    if args.tokens is None and args.resume is None:
-        utils.fail("--tokens is required: the token cache folder (built there from --data-path and --vae if empty)")
-    if args.data_path and not args.data_path.startswith("builtin:") and not os.path.isdir(args.data_path):
-        utils.fail(f"--data-path {args.data_path} does not exist or is not a folder")
-    if args.global_batch_size <= 0 or args.global_batch_size % world_size:
-        utils.fail(f"--global-batch-size {args.global_batch_size} must be positive and divisible by the {world_size} processes")
-    for flag in ("lr", "ema_decay", "class_dropout_prob", "label_smoothing", "dropout", "grad_clip", "weight_decay",
-                 "r_temp", "sm_temp", "cfg_scale"):  # every one of them is a non-negative rate, factor or scale
-        value = getattr(args, flag)
-        if not math.isfinite(value) or value < 0 or (flag in ("ema_decay", "class_dropout_prob", "label_smoothing",
-                                                              "dropout") and value >= 1):
-            utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
-    for flag in ("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size", "image_size",
-                 "epochs", "max_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            utils.fail(f"--{flag.replace('_', '-')} must be a positive integer")
-    if args.num_workers < 0:
-        utils.fail("--num-workers must be 0 (load in the training process) or more")
-    if args.warmup_steps < 0:
-        utils.fail("--warmup-steps must be 0 or more")
+    data.check_cache_flags(args, world_size, "tokens")
+    utils.check_ranges(args, rates=("lr", "grad_clip", "weight_decay", "r_temp", "sm_temp", "cfg_scale"),
+                       below_one=("ema_decay", "class_dropout_prob", "label_smoothing", "dropout"),
+                       counts=("log_every", "ckpt_every", "num_steps", "grid_rows", "cache_batch_size", "cache_shard_size",
+                               "image_size", "epochs", "max_steps"),
+                       zero_or_more=("num_workers", "warmup_steps"))
     if args.class_dropout_prob == 0 and args.cfg_scale != 1 and args.sample_every > 0:
         utils.fail(f"--cfg-scale {args.cfg_scale} for the sample grids needs the null class that label dropout trains: "
                    f"--class-dropout-prob 0 leaves it untrained; pass --cfg-scale 1 (or --sample-every 0)")

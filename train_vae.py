@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import time
 
 import torch
 import torch.nn.functional as F
@@ -287,25 +286,19 @@ def check_args(args, world_size):
         utils.fail(f"{', '.join(demo_flags)}: for --preset demo only; add it, or remove them")
     if "restore_optimizer" in args.cli_flags and args.resume:
         utils.fail("--restore-optimizer restores the starting --vae checkpoint's Adam; --resume restores its own: remove it")
-    for flag in ("lr", "base_lr", "demo_base_lr", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor",
-                 "explicit_weight", "max_grad_norm", "ema_decay"):
-        value = getattr(args, flag)
-        if value is not None and (not math.isfinite(value) or value < 0 or (flag == "ema_decay" and value >= 1)):
-            utils.fail(f"--{flag.replace('_', '-')} {value} is out of range")
+    utils.check_ranges(args, rates=("lr", "base_lr", "demo_base_lr", "perceptual_weight", "kl_weight", "codebook_weight",
+                                    "disc_weight", "disc_factor", "explicit_weight", "max_grad_norm"),
+                       below_one=("ema_decay",),
+                       counts=("global_batch_size", "grad_accum", "epochs", "max_steps", "log_every", "ckpt_every",
+                               "eval_every", "num_eval_images", "num_demo_eval", "demo_base_steps", "image_size",
+                               "disc_channels"),
+                       zero_or_more=("num_workers", "disc_layers"))
     if args.logvar is not None and not math.isfinite(args.logvar):
         utils.fail(f"--logvar {args.logvar} is not a number")
     if args.eq_scales and not all(0 < s <= 1 for s in args.eq_scales):  # also refuses nan and inf
         utils.fail(f"--eq-scales {','.join(map(str, args.eq_scales))}: each scale must lie in (0, 1], as s in [0.25, 1) of Sec. 3.3")
     if args.lr_decay_steps < 0:
         utils.fail(f"--lr-decay-steps {args.lr_decay_steps} is out of range: give 0 (constant lr) or a number of steps")
-    for flag in ("global_batch_size", "grad_accum", "epochs", "max_steps", "log_every", "ckpt_every", "eval_every",
-                 "num_eval_images", "num_demo_eval", "demo_base_steps", "image_size", "disc_channels"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            utils.fail(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
-    for flag in ("num_workers", "disc_layers"):
-        if getattr(args, flag) < 0:
-            utils.fail(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.export_diffusers and os.path.exists(args.export_diffusers) and os.listdir(args.export_diffusers):
         utils.fail(f"--export-diffusers {args.export_diffusers} exists and is not empty: choose a new folder")
 
@@ -462,13 +455,9 @@ def main(args):
         notes.append("LPIPS uses a RANDOM VGG backbone (--lpips-random): its values are not comparable to anything")
 
     # run folder: a resumed run continues in its own folder
-    if resume_path:
-        run_dir = args.run_dir or utils.run_dir_of(resume_path)
-    else:
-        vae_name = os.path.basename(str(args.vae).rstrip("/"))
-        run_dir = args.run_dir or utils.make_run_dir(args.results_dir, f"{vae_name}-{args.eq_mode}")
-    logger, ckpt_dir = utils.open_run(run_dir, args, f"run folder {run_dir}; world size {world_size}; device {device}; "
-                                      f"precision {precision}", [recipe_line(args), *notes])
+    run_name = f"{os.path.basename(str(args.vae).rstrip('/'))}-{args.eq_mode}"
+    run_dir, logger, ckpt_dir = utils.open_run(args, resume_path, run_name, world_size, device, precision,
+                                               [recipe_line(args), *notes])
     ae.to(device).train()
     disc.to(device).train()
     ema = copy.deepcopy(ae).requires_grad_(False).eval() if args.ema_decay > 0 else None
@@ -538,19 +527,14 @@ def main(args):
 
     # training loop; SIGTERM/SIGINT finish the current step, save and exit cleanly
     stop = utils.StopSignal()
-    sums, count, t0 = {}, 0, time.time()
+    log = utils.IntervalLog(logger, args.log_every, max_steps, effective_batch, device)
     try:
         while step < max_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            dataset.epoch = epoch
-            order = data.epoch_indices(len(dataset), epoch, args.global_seed, rank, world_size)
-            order = order[offset * per_rank * args.grad_accum: steps_per_epoch * per_rank * args.grad_accum]
-            # its own generator: creating a loader must not consume the global RNG (exact --resume)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=args.num_workers,
-                                                 pin_memory=device.type == "cuda", drop_last=True,
-                                                 generator=torch.Generator().manual_seed(args.global_seed + epoch))
-            batches = iter(loader)
-            for _ in range(offset, steps_per_epoch):
+            # the rest of this epoch in micro-batches: a step is --grad-accum of them
+            batches = iter(data.epoch_loader(dataset, step * args.grad_accum, steps_per_epoch * args.grad_accum, per_rank,
+                                             args.global_seed, rank, world_size, args.num_workers,
+                                             pin_memory=device.type == "cuda"))
+            for _ in range(step % steps_per_epoch, steps_per_epoch):
                 if step >= max_steps:
                     break
                 opt_ae.zero_grad(set_to_none=True)
@@ -604,15 +588,8 @@ def main(args):
                 if ema is not None:
                     utils.update_ema(ema, ae, args.ema_decay)
                 step += 1
-                step_terms["grad_norm"] = grad_norm.float()
-                for k, v in step_terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-
-                if step % args.log_every == 0 or step == max_steps:
-                    utils.log_interval(logger, step, max_steps, sums, count, time.time() - t0, step_lr, effective_batch, device)
-                    sums, count, t0 = {}, 0, time.time()
-                if step % args.eval_every == 0 or step == max_steps:
+                log.add(step, step_lr, dict(step_terms, grad_norm=grad_norm))
+                if utils.due(step, args.eval_every, max_steps):
                     target_model = ema if ema is not None else ae
                     if rank == 0:
                         metrics = evaluate_batch(target_model, eval_x, args)
@@ -621,7 +598,7 @@ def main(args):
                         save_figure2({f"step {step}": target_model}, eval_x[:4],
                                      os.path.join(run_dir, f"figure2-{step:07d}.png"), args)
                     utils.barrier()
-                if step % args.ckpt_every == 0 or step == max_steps or stop_now:
+                if utils.due(step, args.ckpt_every, max_steps) or stop_now:
                     save()
                 # a clean exit, which also ends --preset demo; on the last step the final weights are written
                 if stop_now and step < max_steps:

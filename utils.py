@@ -363,30 +363,55 @@ def explicit_flags(parser, argv=None):
     return set(vars(bare.parse_args(argv)))
 
 
-def open_run(run_dir, args, first_line, notes=()):
-    """Rank 0 creates run_dir/checkpoints and writes args.json; every rank gets a logger that has
-    logged `first_line` and the notes. Returns (logger, checkpoint folder)."""
+def open_run(args, resume_path, name, world_size, device, precision, notes=()):
+    """The run folder: --run-dir, else a resumed run's own, else a new numbered one named `name`
+    under --results-dir. Rank 0 creates its checkpoints/ and writes args.json; every rank gets a
+    logger that has logged the run's first line and the notes. Returns (run folder, logger,
+    checkpoint folder)."""
+    run_dir = args.run_dir or (run_dir_of(resume_path) if resume_path else make_run_dir(args.results_dir, name))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if is_main():
         os.makedirs(ckpt_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "args.json"), vars(args))
     barrier()
     logger = Logger(run_dir)
-    for line in (first_line, *notes):
+    for line in (f"run folder {run_dir}; world size {world_size}; device {device}; precision {precision}", *notes):
         logger.info(line)
-    return logger, ckpt_dir
+    return run_dir, logger, ckpt_dir
 
 
-def log_interval(logger, step, max_steps, sums, count, seconds, lr, images_per_step, device):
-    """One dense line and one metrics.jsonl record for a log interval: the per-step sums averaged
-    over the interval and the ranks (one all-reduce), lr, steps/s, images/s, peak GPU memory."""
-    means = all_reduce_mean({k: float(v) / count for k, v in sums.items()}, device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    record = {f"train/{k}": v for k, v in means.items()}
-    record.update({"train/lr": lr, "train/steps_per_sec": count / seconds,
-                   "train/images_per_sec": count * images_per_step / seconds, "train/peak_mem_gb": peak})
-    logger.info(f"step {step}/{max_steps} " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in record.items()))
-    logger.metrics(step, record)
+def due(step, every, max_steps):
+    """Whether a periodic action (log line, checkpoint, sample grid, evaluation) runs after `step`:
+    every `every` steps (0: never) and after the last one."""
+    return every > 0 and (step % every == 0 or step == max_steps)
+
+
+class IntervalLog:
+    """Per-step values (tensors, summed on their device: no host sync per step), averaged over each
+    --log-every interval and over the ranks (one all-reduce), then one dense log line and one
+    metrics.jsonl record with lr, steps/s, images/s and peak GPU memory."""
+
+    def __init__(self, logger, every, max_steps, images_per_step, device):
+        self.logger, self.every, self.max_steps = logger, every, max_steps
+        self.images_per_step, self.device = images_per_step, device
+        self.sums, self.count, self.t0 = {}, 0, time.time()
+
+    def add(self, step, lr, values):
+        """Count `values` (name -> tensor) for the step just taken; at an interval's end, log it."""
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+        self.count += 1
+        if not due(step, self.every, self.max_steps):
+            return
+        seconds = time.time() - self.t0
+        means = all_reduce_mean({k: float(v) / self.count for k, v in self.sums.items()}, self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
+        record = {f"train/{k}": v for k, v in means.items()}
+        record.update({"train/lr": lr, "train/steps_per_sec": self.count / seconds,
+                       "train/images_per_sec": self.count * self.images_per_step / seconds, "train/peak_mem_gb": peak})
+        self.logger.info(f"step {step}/{self.max_steps} " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in record.items()))
+        self.logger.metrics(step, record)
+        self.sums, self.count, self.t0 = {}, 0, time.time()
 
 
 def resolve_resume(path):
@@ -433,6 +458,24 @@ def resume_args(args, fixed, changeable=(), allow_changed=False):
     for key, value in saved.items():  # flags not given now continue as the run was started
         if key not in args.cli_flags and key not in ("resume", "run_dir", "preset", "cli_flags", "init_from"):
             setattr(args, key, value)
+    return path, ckpt
+
+
+def start_cache_run(args, fixed, check_args, world_size, cache_flag):
+    """The first step of the cache trainers (train_dit.py --latents, train_maskgit.py --tokens),
+    before anything is read: --resume takes the run's flags (its cache exists: never rebuilt), an
+    --epochs given now wins over a preset's or the run's step count, then `check_args`, the output
+    folders, and the cache folder made absolute (saved with the run: --resume works from any
+    directory). Returns (checkpoint path, checkpoint), (None, None) for a new run."""
+    path, ckpt = resume_args(args, fixed) if args.resume else (None, None)
+    if path:
+        args.data_path = None
+    if "epochs" in args.cli_flags and "max_steps" not in args.cli_flags:
+        args.max_steps = None
+    check_args(args, world_size)
+    # a new run into a folder with checkpoints is refused; the folders it writes must be writable
+    check_output_folders(args, *((cache_flag,) if args.data_path else ()))
+    setattr(args, cache_flag, os.path.abspath(getattr(args, cache_flag)))
     return path, ckpt
 
 
@@ -552,6 +595,23 @@ def exit_on_stop(logger, ckpt_dir, step, resume_from):
     raise SystemExit(0)
 
 
+def check_ranges(args, rates=(), below_one=(), counts=(), zero_or_more=()):
+    """The trainers' numeric flags, one clear line for the first out of range: `rates` (learning
+    rates, weights, scales) finite and 0 or more, `below_one` (decays, probabilities) also below 1,
+    `counts` positive integers, `zero_or_more` integers 0 or more. Unset flags (None) pass."""
+    for flag in (*rates, *below_one):
+        value = getattr(args, flag)
+        if value is not None and (not math.isfinite(value) or value < 0 or (flag in below_one and value >= 1)):
+            fail(f"--{flag.replace('_', '-')} {value} is out of range")
+    for flag in counts:
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            fail(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
+    for flag in zero_or_more:
+        if getattr(args, flag) < 0:
+            fail(f"--{flag.replace('_', '-')} must be 0 or more")
+
+
 def epoch_plan(num_items, source, global_batch_size, world_size, max_steps, epochs, grad_accum=1):
     """(per-rank batch, steps per epoch, total steps): each rank takes global_batch_size / world_size
     items per micro-batch, an epoch drops its remainder, and --max-steps wins over --epochs. Fails,
@@ -562,6 +622,16 @@ def epoch_plan(num_items, source, global_batch_size, world_size, max_steps, epoc
         fail(f"{source} holds {num_items} images, fewer than one step of {global_batch_size * grad_accum}: lower "
              f"--global-batch-size" + (" or --grad-accum" if grad_accum > 1 else ""))
     return per_rank, steps_per_epoch, max_steps if max_steps is not None else epochs * steps_per_epoch
+
+
+def save_step_grid(draw, run_dir, step, logger):
+    """Rank 0 draws the sample grid of `step` into run_dir/samples-NNNNNNN.png (`draw(path)`); the
+    other ranks wait for it."""
+    if is_main():
+        path = os.path.join(run_dir, f"samples-{step:07d}.png")
+        draw(path)
+        logger.info(f"sample grid {path}")
+    barrier()
 
 
 def grid_labels(num_classes, columns=10):

@@ -215,6 +215,18 @@ def test_epoch_indices_shard_one_permutation():
     assert data.epoch_indices(10, 0, 0, shuffle=False) == list(range(10))
 
 
+def test_step_batches_run_epoch_after_epoch_and_a_resume_reads_the_rest():
+    items = torch.utils.data.TensorDataset(torch.arange(10))
+    # 10 items, 3 a step: 3 steps an epoch (one item dropped), each epoch its own permutation
+    plan = [np.array(data.epoch_indices(10, epoch, seed=5))[:9].reshape(3, 3) for epoch in range(3)]
+    expected = [list(map(int, batch)) for epoch in plan for batch in epoch][:7]
+    run = [batch[0].tolist() for batch in data.step_batches(items, 0, 7, 3, 3, seed=5)]
+    assert run == expected and len({tuple(sorted(b)) for b in run[:3]}) == 3
+    resumed = [batch[0].tolist() for batch in data.step_batches(items, 4, 7, 3, 3, seed=5)]
+    assert resumed == expected[4:]
+    assert list(data.step_batches(items, 7, 7, 3, 3, seed=5)) == []
+
+
 def test_random_crops_depend_only_on_seed_epoch_index(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     ds = data.ImageFolderDataset(str(tmp_path), 32, crop="random", flip=True, class_folders=False, seed=1)

@@ -426,12 +426,17 @@ def test_initial_weights_do_not_depend_on_whether_the_cache_was_built(cache, tmp
     (["--max-steps", "0"], "--max-steps must be a positive integer"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--image-size", "-8"], "--image-size must be a positive integer"),
+    (["--ema-decay", "1"], "--ema-decay 1.0 is out of range"),
+    (["--data-path", "builtin:shapes:3"], "builtin:shapes:3 has 3 images, fewer than one --global-batch-size 4"),
+    (["--global-batch-size", "3", "--nproc", "2"], "--global-batch-size 3 must be positive and divisible by the 2 processes"),
 ])
 def test_bad_counts_fail_in_check_args(script, flags, message, capsys):
     module = __import__(script)
-    args = module.parse_args(["--preset", "tiny", *flags])
+    flags = list(flags)  # the parameter list is shared by both scripts' cases
+    world_size = int(flags.pop(flags.index("--nproc") + 1)) if "--nproc" in flags else 1
+    args = module.parse_args(["--preset", "tiny", *[f for f in flags if f != "--nproc"]])
     with pytest.raises(SystemExit) as e:
-        module.check_args(args, 1)
+        module.check_args(args, world_size)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 

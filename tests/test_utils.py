@@ -178,12 +178,48 @@ def test_metrics_write_non_finite_values_as_null(tmp_path):
     import argparse
     import json
 
-    logger, _ = utils.open_run(str(tmp_path / "run"), argparse.Namespace(lr=1.0), "first line")
+    _, logger, _ = utils.open_run(argparse.Namespace(lr=1.0, run_dir=str(tmp_path / "run")), None, "run", 1, "cpu", "fp32")
     logger.metrics(3, {"train/grad_norm": float("inf"), "train/loss": float("nan"), "train/lr": 0.5})
     logger.close()
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1],
                         parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert record == {"step": 3, "train/grad_norm": None, "train/loss": None, "train/lr": 0.5}
+
+
+def test_open_run_picks_the_given_the_resumed_or_a_new_numbered_folder(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(lr=1.0, run_dir=None, results_dir=str(tmp_path / "results"))
+    resumed = tmp_path / "old" / "checkpoints" / "0000004.pt"
+    picked = [utils.open_run(args, None, "DiT-S/2", 1, "cpu", "fp32")[0],
+              utils.open_run(args, None, "DiT-S/2", 1, "cpu", "fp32")[0],
+              utils.open_run(args, str(resumed), "DiT-S/2", 1, "cpu", "fp32")[0],
+              utils.open_run(argparse.Namespace(**dict(vars(args), run_dir=str(tmp_path / "mine"))), str(resumed),
+                             "x", 2, "cpu", "bf16")[0]]
+    assert [os.path.relpath(p, tmp_path) for p in picked] == [os.path.join("results", "000-DiT-S-2"),
+                                                               os.path.join("results", "001-DiT-S-2"), "old", "mine"]
+    first = (tmp_path / "mine" / "log.txt").read_text().splitlines()[0]
+    assert first.endswith(f"run folder {tmp_path / 'mine'}; world size 2; device cpu; precision bf16")
+    assert (tmp_path / "old" / "args.json").exists() and (tmp_path / "old" / "checkpoints").is_dir()
+
+
+def test_interval_log_averages_each_interval_and_logs_the_last_step(tmp_path):
+    import argparse
+    import json
+
+    _, logger, _ = utils.open_run(argparse.Namespace(run_dir=str(tmp_path)), None, "run", 1, "cpu", "fp32")
+    log = utils.IntervalLog(logger, every=3, max_steps=7, images_per_step=8, device=torch.device("cpu"))
+    for step in range(1, 8):  # steps 1-3, 4-6 and the last one, 7, each logged once
+        log.add(step, 0.1 * step, dict(loss=torch.tensor(float(step)), eq_steps=float(step % 2)))
+    logger.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 7]
+    assert [r["train/loss"] for r in records] == [2.0, 5.0, 7.0]
+    assert [r["train/eq_steps"] for r in records] == pytest.approx([2 / 3, 1 / 3, 1.0])
+    assert [r["train/lr"] for r in records] == pytest.approx([0.3, 0.6, 0.7])
+    assert records[0]["train/images_per_sec"] == pytest.approx(8 * records[0]["train/steps_per_sec"])
+    assert [utils.due(s, 3, 7) for s in range(1, 8)] == [False, False, True, False, False, True, True]
+    assert not any(utils.due(s, 0, 7) for s in range(1, 8))  # --sample-every 0: never, not even at the end
 
 
 def test_fp16_run_whose_gradients_never_become_finite_stops():
@@ -200,7 +236,7 @@ def test_resume_drops_the_metrics_of_steps_trained_again(tmp_path):
     import argparse
     import json
 
-    logger, _ = utils.open_run(str(tmp_path / "run"), argparse.Namespace(lr=1.0), "first line")
+    _, logger, _ = utils.open_run(argparse.Namespace(lr=1.0, run_dir=str(tmp_path / "run")), None, "run", 1, "cpu", "fp32")
     for step in range(1, 7):
         logger.metrics(step, {"train/loss": 1.0 / step})
     logger.metrics_file.write('{"step": 7, "train/lo')  # what a kill in the middle of a write leaves
