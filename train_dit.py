@@ -123,11 +123,15 @@ def latent_recipe(args, meta, notes):
 
 @torch.no_grad()
 def save_sample_grid(model, recipe, objective, ae, path, args, device):
-    """A fixed-noise, fixed-label grid from the EMA model: one column per class, --grid-rows rows."""
+    """A fixed-noise, fixed-label grid from the EMA model (the raw one without EMA): one column per
+    class, --grid-rows rows."""
     classes = utils.grid_labels(model.num_classes)
     y = torch.tensor([c for _ in range(args.grid_rows) for c in classes], device=device)
     noise = diffusion.SampleNoise(args.global_seed, range(len(y)), device)
+    was_training = model.training
+    model.eval()  # no label dropout: it would also draw from the training's RNG stream
     z = diffusion.generate(model, objective, noise, y, args.sampler, args.num_steps, args.cfg_scale)
+    model.train(was_training)
     images = (ae.decode(data.denormalize_latents(z.float(), recipe["latent"])).clamp(-1, 1) + 1) / 2
     names = recipe["class_names"] or [str(c) for c in range(model.num_classes)]
     columns = [images.view(args.grid_rows, len(classes), *images.shape[1:])[:, j] for j in range(len(classes))]
@@ -227,9 +231,9 @@ def main(args):
                    "per-channel mean " + ", ".join(f"{v:.3f}" for v in meta["channel_mean"]) + ", std "
                    + ", ".join(f"{v:.3f}" for v in meta["channel_std"])))
 
-    # model, EMA (a copy of the initial weights, as DiT), optimizer
+    # model, EMA (a copy of the initial weights, as DiT; none with --ema-decay 0), optimizer
     model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if args.ema_decay > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -256,9 +260,10 @@ def main(args):
                     "nothing (offline smoke runs only), and the checkpoint says so")
 
     def save():
-        utils.save_step({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                         "args": vars(args), "generator": recipe}, ckpt_dir, step, utils.rng_state())
+        utils.save_step({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                         "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                         "epoch": step // steps_per_epoch, "args": vars(args), "generator": recipe}, ckpt_dir, step,
+                        utils.rng_state())
 
     # training loop; SIGTERM/SIGINT finish the current step, save and exit
     stop = utils.StopSignal()
@@ -284,13 +289,15 @@ def main(args):
                                                                   args.grad_clip, stop.requested, device)
             if nonfinite:
                 utils.stop_nonfinite(logger, step, ckpt_dir, "Lower --lr, set --grad-clip or use --precision fp32")
-            utils.update_ema(ema, model, args.ema_decay)
+            if ema is not None:
+                utils.update_ema(ema, model, args.ema_decay)
             step += 1
             log.add(step, args.lr, dict(loss=loss, grad_norm=grad_norm, **(dict(loss_proj=loss_proj) if encoders else {})))
             if utils.due(step, args.ckpt_every, max_steps) or stop_now:
                 save()
             if utils.due(step, args.sample_every, max_steps):
-                utils.save_step_grid(lambda path: save_sample_grid(ema, recipe, objective, ae, path, args, device),
+                grid_model = ema if ema is not None else model
+                utils.save_step_grid(lambda path: save_sample_grid(grid_model, recipe, objective, ae, path, args, device),
                                      run_dir, step, logger)
             if stop_now and step < max_steps:  # on the last step the run just finishes
                 utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
@@ -445,7 +452,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=int, default=256, help="images per step over all processes (256)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step (0.9999)")
+    p.add_argument("--ema-decay", type=float, default=0.9999,
+                   help="EMA decay per step (0.9999); 0 keeps no EMA (grids and sample.py then use the raw weights)")
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm; 0 disables (default: DiT, SiT off; REPA 1.0)")
     p.add_argument("--epochs", type=int, default=1400, help="passes over the cache (DiT: 1400)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs); the paper's curves: 400K")

@@ -464,12 +464,16 @@ def test_init_from_loads_weights_and_refuses_a_mismatch(cache, tmp_path, capsys)
     assert run_cli(["--preset", "tiny", "--latents", str(cache), "--max-steps", "2", "--sample-every", "0",
                     "--run-dir", str(src)]).returncode == 0
     run = tmp_path / "run"
-    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--max-steps", "1", "--lr", "0", "--sample-every", "0",
+    out = run_cli(["--preset", "tiny", "--latents", str(cache), "--max-steps", "1", "--lr", "0", "--sample-every", "1",
                    "--init-from", str(src / "checkpoints" / "latest.pt"), "--ema-decay", "0", "--run-dir", str(run)])
     assert out.returncode == 0, out.stderr[-3000:]
     a = utils.load_checkpoint(str(src / "checkpoints" / "latest.pt"))["ema"]
-    b = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the starting weights survive unchanged
+    ckpt = utils.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
+    assert all(torch.equal(a[k], ckpt["model"][k]) for k in a)  # lr 0: the starting weights survive unchanged
+    # --ema-decay 0 keeps no EMA: the grid and sample.py's default --ema read the raw weights
+    assert ckpt["ema"] is None and (run / "samples-0000001.png").exists()
+    loaded, _ = models.load_generator(str(run / "checkpoints" / "latest.pt"), use_ema=True)
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in loaded.state_dict().items())
     code, err = refusal(["--preset", "tiny", "--latents", str(cache), "--model", "DiT-S/2",
                         "--init-from", str(src / "checkpoints" / "latest.pt"), "--run-dir", str(tmp_path / "bad")], capsys)
     assert code == 2 and "--init-from" in err and "DiT-T/2" in err
