@@ -122,11 +122,12 @@ def epoch_indices(num_items, epoch, seed, rank=0, world_size=1, shuffle=True):
 
 
 def epoch_loader(dataset, step, steps_per_epoch, per_rank, seed, rank=0, world_size=1, num_workers=0, pin_memory=False):
-    """The DataLoader for the rest of the epoch that `step` falls in, as the trainers read a cache:
-    this rank's share of epoch_indices from the step's offset on, and dataset.epoch set so the
-    per-item flips follow the epoch. The loader gets its own generator: otherwise it draws its base
-    seed from the global RNG, and a resumed run, which makes one more loader, would leave the
-    uninterrupted run's RNG stream."""
+    """The DataLoader for the rest of the epoch that `step` falls in: this rank's share of
+    epoch_indices from the step's offset on (train_vae counts micro-batches here: step and
+    steps_per_epoch times --grad-accum), and dataset.epoch set so the per-item flips and crops
+    follow the epoch. The loader gets its own generator: otherwise it draws its base seed from the
+    global RNG, and a resumed run, which makes one more loader, would leave the uninterrupted run's
+    RNG stream."""
     epoch, offset = divmod(step, steps_per_epoch)
     dataset.epoch = epoch
     order = epoch_indices(len(dataset), epoch, seed, rank, world_size)[offset * per_rank: steps_per_epoch * per_rank]
@@ -541,7 +542,7 @@ def cache_plan(args, flag, meta, ae):
 def grid_coder(args, meta, ae, device, coder):
     """The autoencoder that rank 0's sample grids decode with: `ae` when the cache step loaded it,
     else the cache's own, or --vae when given (a preset's scratch: spec would draw new weights).
-    None on the other ranks and without grids."""
+    On the other ranks and without grids, `ae` as it is (None when the cache was only read)."""
     if args.sample_every <= 0 or ae is not None or not utils.is_main():
         return ae
     try:

@@ -1510,6 +1510,8 @@ def load_generator(spec, model_name=None, trust_checkpoint=False, use_ema=True):
                 raise ValueError(f"{spec} holds a {recipe['model']}, not the --model {model_name} given: pass --model "
                              f"{recipe['model']} (sample.py: or leave --model out)")
             model = DiT(**recipe["config"])
+            if use_ema and obj.get("ema") is None:  # a run with --ema-decay 0
+                utils.print0(f"note: {spec} kept no EMA: its raw weights are used")
             sd = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
         else:  # official: a bare state dict, or DiT/SiT/REPA training's {"model", "ema", "opt", ...}
             sd = obj

@@ -463,7 +463,7 @@ def resume_args(args, fixed, changeable=(), allow_changed=False):
 
 def start_cache_run(args, fixed, check_args, world_size, cache_flag):
     """The first step of the cache trainers (train_dit.py --latents, train_maskgit.py --tokens),
-    before anything is read: --resume takes the run's flags (its cache exists: never rebuilt), an
+    before the cache or any model is read: --resume takes the run's flags (its cache exists: never rebuilt), an
     --epochs given now wins over a preset's or the run's step count, then `check_args`, the output
     folders, and the cache folder made absolute (saved with the run: --resume works from any
     directory). Returns (checkpoint path, checkpoint), (None, None) for a new run."""
@@ -492,6 +492,8 @@ def restore_training(ckpt, model, ema, opt, scaler, rank, world_size, seed, logg
         logger.info("the resumed run kept no EMA: it starts from the resumed weights")
     elif ema is not None:
         ema.load_state_dict(ckpt["ema"])
+    elif ckpt.get("ema") is not None:
+        logger.info("--ema-decay 0: the resumed run's EMA is dropped; checkpoints and grids hold the raw weights")
     opt.load_state_dict(ckpt["opt"])
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -608,7 +610,7 @@ def check_ranges(args, rates=(), below_one=(), counts=(), zero_or_more=()):
         if value is not None and value <= 0:
             fail(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
     for flag in zero_or_more:
-        if getattr(args, flag) < 0:
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
             fail(f"--{flag.replace('_', '-')} must be 0 or more")
 
 

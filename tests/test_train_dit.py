@@ -474,6 +474,11 @@ def test_init_from_loads_weights_and_refuses_a_mismatch(cache, tmp_path, capsys)
     assert ckpt["ema"] is None and (run / "samples-0000001.png").exists()
     loaded, _ = models.load_generator(str(run / "checkpoints" / "latest.pt"), use_ema=True)
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in loaded.state_dict().items())
+    # resuming a run that kept an EMA with --ema-decay 0 drops it, and says so
+    out = run_cli(["--resume", str(src), "--max-steps", "3", "--ema-decay", "0"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert utils.load_checkpoint(str(src / "checkpoints" / "latest.pt"))["ema"] is None
+    assert "the resumed run's EMA is dropped" in (src / "log.txt").read_text()
     code, err = refusal(["--preset", "tiny", "--latents", str(cache), "--model", "DiT-S/2",
                         "--init-from", str(src / "checkpoints" / "latest.pt"), "--run-dir", str(tmp_path / "bad")], capsys)
     assert code == 2 and "--init-from" in err and "DiT-T/2" in err
