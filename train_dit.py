@@ -361,8 +361,12 @@ def run_demo(args):
 
         print(f"demo: {args.vae} is missing, training it first (python train_vae.py --preset demo)", flush=True)
         train_vae.run_demo(train_vae.parse_args(["--preset", "demo"]))
-    if os.path.isdir(demo_dir):
-        shutil.rmtree(demo_dir)
+    # the previous demo is replaced, but for the folders given on the command line (even inside it)
+    kept = [os.path.abspath(getattr(args, k)) for k in ("latents", "run_dir") if k in args.cli_flags]
+    for name in os.listdir(demo_dir) if os.path.isdir(demo_dir) else []:
+        path = os.path.abspath(os.path.join(demo_dir, name))
+        if not any(k == path or k.startswith(path + os.sep) for k in kept):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     run_dir = main(demo_args)
     grid = os.path.join(run_dir, f"samples-{args.max_steps:07d}.png")
     os.makedirs(demo_dir, exist_ok=True)

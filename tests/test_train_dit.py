@@ -529,12 +529,14 @@ def test_demo_preset_runs_end_to_end_on_another_autoencoder(tmp_path):
     from PIL import Image
     grid = Image.open(demo / "samples.png")
     assert grid.width >= 10 * 32 and f"{demo}/samples.png" in out.stdout
-    # a rerun keeps a cache given with --latents (outside demo-dit, which it replaces) and its --run-dir
-    shutil.move(demo / "latents", tmp_path / "kept")
+    # a rerun replaces demo-dit but for a cache given with --latents, even the previous demo's own
+    # inside it (reused, not rebuilt), and writes its run to --run-dir
+    (demo / "stale.txt").write_text("from the previous demo")
     out = run_cli(["--preset", "demo", "--vae", str(vae), *shrink, "--results-dir", str(tmp_path),
-                   "--latents", str(tmp_path / "kept"), "--run-dir", str(tmp_path / "again")])
+                   "--latents", str(demo / "latents"), "--run-dir", str(tmp_path / "again")])
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "caching" not in out.stderr and not (demo / "latents").exists() and not (demo / "run").exists()
+    assert "caching" not in out.stderr and data.read_cache_meta(str(demo / "latents"))["count"] == 40
+    assert not (demo / "run").exists() and not (demo / "stale.txt").exists()
     assert (tmp_path / "again" / "samples-0000002.png").is_file() and (demo / "samples.png").is_file()
     out = run_cli(["--preset", "demo", "--vae", str(tmp_path / "missing.pt"), *shrink, "--results-dir", str(tmp_path / "m")])
     assert out.returncode != 0 and "missing.pt" in out.stderr and "train_vae" not in out.stdout
