@@ -398,8 +398,8 @@ PRESETS = {
     # the README demo (see run_demo)
     # upright shapes without flips: one outline per class, so the small DiT's samples show the class
     "demo": dict(vae="results/demo/eq-vae/autoencoder.pt", data_path="builtin:shapes-upright:10000", flip=False,
-                 image_size=32, model="DiT-T/2", global_batch_size=32, max_steps=16000, lr=1e-3, ema_decay=0.999,
-                 log_every=1000, ckpt_every=16000, sample_every=16000, num_steps=50, cfg_scale=4.0, grid_rows=4,
+                 image_size=32, model="DiT-T/2", global_batch_size=32, max_steps=10000, lr=1e-3, ema_decay=0.999,
+                 log_every=1000, ckpt_every=10000, sample_every=10000, num_steps=50, cfg_scale=4.0, grid_rows=4,
                  cache_batch_size=64, num_workers=0, latent_norm="channel", results_dir="results"),
 }
 
