@@ -272,7 +272,8 @@ def parse_args(argv=None):
                    + "), or an official DiT/SiT/REPA .pt or MaskGIT-pytorch .pth (with --model)")
     p.add_argument("--model", choices=list(models.DiT_models) + list(models.SiT_models) + list(models.MaskGIT_models),
                    default=None, help="architecture of an official .pt/.pth file (ours and the released names carry it)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="our checkpoints: EMA weights (default; the raw ones of a run that kept no EMA) or raw")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="our checkpoints: EMA weights (default; the raw ones of a run that kept no EMA) or raw")
     p.add_argument("--vae", default=None, help="decoder (default: the autoencoder recorded with the model)")
     p.add_argument("--trust-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                    help="allow full unpickling of checkpoints you trust")

@@ -213,8 +213,9 @@ def main(args):
             if utils.due(step, args.ckpt_every, max_steps) or stop_now:
                 save()
             if utils.due(step, args.sample_every, max_steps):
-                utils.save_step_grid(lambda path: save_sample_grid(ema if ema is not None else model, ae, meta["class_names"],
-                                                                   path, args, device), run_dir, step, logger)
+                grid_model = ema if ema is not None else model
+                utils.save_step_grid(lambda path: save_sample_grid(grid_model, ae, meta["class_names"], path, args, device),
+                                     run_dir, step, logger)
             if stop_now and step < max_steps:  # on the last step the run just finishes
                 utils.exit_on_stop(logger, ckpt_dir, step, run_dir)
         logger.info(f"done: {ckpt_dir}/latest.pt; sample with: python sample.py --ckpt {ckpt_dir}/latest.pt")

@@ -608,10 +608,11 @@ def main(args):
         final = ema if ema is not None else ae
         if rank == 0:
             # a discriminator this run neither trained nor received is random weights: left out
-            keep_disc = args.disc_weight > 0 or disc_received
-            models.save_autoencoder(final, os.path.join(run_dir, "autoencoder.pt"),
-                                    extras={**{f"loss.discriminator.{k}": v.cpu() for k, v in disc.state_dict().items() if keep_disc},
-                                            **({"loss.logvar": logvar.detach().cpu()} if kind == "kl" else {})})
+            extras = ({f"loss.discriminator.{k}": v.cpu() for k, v in disc.state_dict().items()}
+                      if args.disc_weight > 0 or disc_received else {})
+            if kind == "kl":
+                extras["loss.logvar"] = logvar.detach().cpu()
+            models.save_autoencoder(final, os.path.join(run_dir, "autoencoder.pt"), extras=extras)
             if args.export_diffusers:
                 models.export_diffusers(final, args.export_diffusers)
                 logger.info(f"exported diffusers folder {args.export_diffusers}")

@@ -463,10 +463,10 @@ def resume_args(args, fixed, changeable=(), allow_changed=False):
 
 def start_cache_run(args, fixed, check_args, world_size, cache_flag):
     """The first step of the cache trainers (train_dit.py --latents, train_maskgit.py --tokens),
-    before the cache or any model is read: --resume takes the run's flags (its cache exists: never rebuilt), an
-    --epochs given now wins over a preset's or the run's step count, then `check_args`, the output
-    folders, and the cache folder made absolute (saved with the run: --resume works from any
-    directory). Returns (checkpoint path, checkpoint), (None, None) for a new run."""
+    before the cache or any model is read: --resume takes the run's flags (its cache exists: never
+    rebuilt), an --epochs given now wins over a preset's or the run's step count, then `check_args`,
+    the output folders, and the cache folder made absolute (saved with the run: --resume works from
+    any directory). Returns (checkpoint path, checkpoint), (None, None) for a new run."""
     path, ckpt = resume_args(args, fixed) if args.resume else (None, None)
     if path:
         args.data_path = None
@@ -610,8 +610,9 @@ def check_ranges(args, rates=(), below_one=(), counts=(), zero_or_more=()):
         if value is not None and value <= 0:
             fail(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
     for flag in zero_or_more:
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            fail(f"--{flag.replace('_', '-')} must be 0 or more")
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            fail(f"--{flag.replace('_', '-')} must be 0 or more, not {value}")
 
 
 def epoch_plan(num_items, source, global_batch_size, world_size, max_steps, epochs, grad_accum=1):
